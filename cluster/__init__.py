@@ -1,0 +1,1 @@
+"""Cluster control plane: coordinator, scheduler, gRPC frontend, CLI and Ray bootstrap."""

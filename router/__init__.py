@@ -1,0 +1,1 @@
+"""Data plane between attention and expert workers: placement, wire format, dispatch and serve loops."""
