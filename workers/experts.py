@@ -1,0 +1,143 @@
+"""Routed experts and the expert-backend seam.
+
+``ExpertShard`` holds the SwiGLU weights of a set of experts for every MoE layer (stacked as
+``gate_up`` [E, 2I, H] and ``down`` [E, H, I]) and computes them grouped by expert: one matmul
+pair per expert hit, never a Python loop over tokens. The same ``compute`` serves the
+in-process backend (``LocalExperts``) and an expert worker's server loop.
+
+An ``ExpertBackend`` is what the MoE block calls: ``submit`` starts the routed computation and
+returns a ``PendingExperts`` whose ``result()`` gives the weighted sum; the block computes the
+shared expert in between, so a remote backend overlaps the network with it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from typing import Protocol
+
+import torch
+import torch.nn.functional as F
+
+from workers.config import ModelConfig
+
+EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+
+
+class PendingExperts(Protocol):
+    def result(self) -> torch.Tensor:
+        """The routed output [T, H]: ``sum_k w_k * Expert_{id_k}(x)`` per token."""
+
+
+class ExpertBackend(Protocol):
+    def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor) -> PendingExperts:
+        """Start the routed experts of MoE layer ``layer`` for x [T, H] with top-k ids/weights [T, K]."""
+
+
+def topk_to_pairs(topk_ids: torch.Tensor, topk_weights: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Flatten top-k choices into (token row, expert id, weight) pairs, token-major."""
+    num_tokens, k = topk_ids.shape
+    pair_token = torch.arange(num_tokens, dtype=torch.int32).repeat_interleave(k)
+    return pair_token, topk_ids.reshape(-1).to(torch.int32), topk_weights.reshape(-1).float()
+
+
+def expert_predicate(config: ModelConfig, expert_ids: Iterable[int]) -> Callable[[str], bool]:
+    """Selects the checkpoint tensors of ``expert_ids`` in every MoE layer (MTP layer included)."""
+    wanted = set(expert_ids)
+    moe_layers = set(config.moe_layer_indices)
+
+    def predicate(name: str) -> bool:
+        match = EXPERT_TENSOR.match(name)
+        return bool(match) and int(match[1]) in moe_layers and int(match[2]) in wanted
+
+    return predicate
+
+
+class ExpertShard:
+    """Stacked weights of some experts, per MoE layer, and their grouped SwiGLU."""
+
+    def __init__(self, expert_ids: list[int], num_experts: int,
+                 layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
+        self.expert_ids = sorted(expert_ids)
+        self.layers = layers  # layer -> (gate_up [E_local, 2I, H], down [E_local, H, I])
+        self.local_index = torch.full((num_experts,), -1, dtype=torch.long)
+        self.local_index[self.expert_ids] = torch.arange(len(self.expert_ids))
+
+    @classmethod
+    def from_tensors(cls, config: ModelConfig, expert_ids: Iterable[int],
+                     tensors: dict[str, torch.Tensor]) -> ExpertShard:
+        """Stack checkpoint-named expert tensors; every layer must hold every expert asked for."""
+        ids = sorted(set(expert_ids))
+        layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer in config.moe_layer_indices:
+            prefix = f"model.layers.{layer}.mlp.experts"
+            try:
+                gate_up = torch.stack([torch.cat((tensors[f"{prefix}.{e}.gate_proj.weight"],
+                                                  tensors[f"{prefix}.{e}.up_proj.weight"])) for e in ids])
+                down = torch.stack([tensors[f"{prefix}.{e}.down_proj.weight"] for e in ids])
+            except KeyError as exc:
+                raise KeyError(f"expert tensor {exc.args[0]} was not loaded") from None
+            layers[layer] = (gate_up, down)
+        return cls(ids, config.n_routed_experts, layers)
+
+    def tensor_names(self) -> list[str]:
+        """The checkpoint names this shard holds (for tests and status)."""
+        return [f"model.layers.{layer}.mlp.experts.{e}.{proj}.weight"
+                for layer in sorted(self.layers) for e in self.expert_ids
+                for proj in ("gate_proj", "up_proj", "down_proj")]
+
+    def to(self, device: torch.device | str) -> ExpertShard:
+        self.layers = {k: (g.to(device), d.to(device)) for k, (g, d) in self.layers.items()}
+        self.local_index = self.local_index.to(device)
+        return self
+
+    def compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
+                pair_weight: torch.Tensor) -> torch.Tensor:
+        """``y[t] = sum over pairs p of token t: w_p * Expert_{e_p}(x[t])`` for x [n, H] → [n, H]."""
+        if layer not in self.layers:
+            raise KeyError(f"MoE layer {layer} is not held here (layers: {sorted(self.layers)})")
+        gate_up, down = self.layers[layer]
+        if pair_expert.numel() and (int(pair_expert.min()) < 0 or int(pair_expert.max()) >= len(self.local_index)):
+            raise ValueError(f"expert id out of range [0, {len(self.local_index)})")
+        local = self.local_index[pair_expert.long()]
+        if bool((local < 0).any()):
+            missing = sorted(set(pair_expert[local < 0].tolist()))
+            raise ValueError(f"experts {missing} of layer {layer} are not held here")
+        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
+        order = torch.argsort(local, stable=True)
+        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
+        pair_token = pair_token.long()
+        start = 0
+        for e_local, count in enumerate(counts):
+            if count == 0:
+                continue
+            sel = order[start:start + count]
+            start += count
+            rows = pair_token[sel]
+            gate, up = F.linear(x[rows], gate_up[e_local].to(x.dtype)).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, down[e_local].to(x.dtype))
+            out.index_add_(0, rows, (y * pair_weight[sel, None].to(y.dtype)).float())
+        return out.to(x.dtype)
+
+
+class _Done:
+    def __init__(self, value: torch.Tensor) -> None:
+        self._value = value
+
+    def result(self) -> torch.Tensor:
+        return self._value
+
+
+class LocalExperts:
+    """The in-process backend: every expert in this process (reference model and tests)."""
+
+    def __init__(self, shard: ExpertShard) -> None:
+        self.shard = shard
+
+    def submit(self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor,
+               topk_weights: torch.Tensor) -> PendingExperts:
+        pair_token, pair_expert, pair_weight = topk_to_pairs(topk_ids, topk_weights)
+        return _Done(self.shard.compute(layer, x, pair_token.to(x.device), pair_expert.to(x.device),
+                                        pair_weight.to(x.device)))

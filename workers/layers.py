@@ -1,0 +1,137 @@
+"""The dense building blocks of GLM-4.5: RMSNorm, partial NeoX RoPE, GQA attention over a paged
+KV cache, and the SwiGLU MLP (dense layers and the shared expert).
+
+The math follows GLM45.md §2 line by line; module and parameter names mirror the checkpoint
+(``self_attn.q_proj``, ``q_norm`` …) so a tensor name says where it lives.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from workers.batch import ForwardBatch
+from workers.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """``w * (x_f32 * rsqrt(mean(x_f32²) + eps)).to(input dtype)`` — cast before the weight, as HF."""
+
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+class RotaryEmbedding:
+    """Partial RoPE, NeoX half-split: only the first ``rotary_dim`` channels of a head rotate."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.rotary_dim = config.rotary_dim
+        exponents = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32, device="cpu") / self.rotary_dim
+        self.inv_freq = 1.0 / (config.rope_theta ** exponents)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [T, rotary_dim] for token positions [T] (computed in fp32, cast like HF)."""
+        freqs = positions.float()[:, None] * self.inv_freq.to(positions.device)[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    @staticmethod
+    def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Rotate x [T, heads, head_dim]; channels past the rotary dim pass through."""
+        rot_dim = cos.shape[-1]
+        x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
+        half = rot_dim // 2
+        rotated_half = torch.cat((-x_rot[..., half:], x_rot[..., :half]), dim=-1)
+        x_rot = x_rot * cos[:, None, :] + rotated_half * sin[:, None, :]
+        return torch.cat((x_rot, x_pass), dim=-1)
+
+
+class Attention(nn.Module):
+    """GQA self-attention with optional q/k/v bias and QK-norm, reading and writing a paged KV cache."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim ** -0.5
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=False)
+        self.use_qk_norm = config.use_qk_norm
+        if self.use_qk_norm:
+            self.q_norm = RMSNorm(d, config.rms_norm_eps)
+            self.k_norm = RMSNorm(d, config.rms_norm_eps)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        batch: ForwardBatch,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+    ) -> torch.Tensor:
+        """x [T, H] → [T, H]; k_cache/v_cache are this layer's slot tensors [num_slots, Hkv, D]."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+        if self.use_qk_norm:  # before RoPE (GLM45.md §2)
+            q = self.q_norm(q)
+            k = self.k_norm(k)
+        cos, sin = rope
+        q = RotaryEmbedding.apply(q, cos, sin)
+        k = RotaryEmbedding.apply(k, cos, sin)
+        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
+        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        out = self._attend(q, batch, k_cache, v_cache)
+        return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+
+    def _attend(self, q: torch.Tensor, batch: ForwardBatch, k_cache: torch.Tensor,
+                v_cache: torch.Tensor) -> torch.Tensor:
+        """Causal attention of every sequence's new queries over its cached context.
+
+        Decode rows (one query each) are batched into one padded call; prefill chunks run one
+        call per sequence.
+        """
+        out = torch.empty_like(q)
+        if batch.decode_rows.numel():
+            rows = batch.decode_rows
+            keys = k_cache[batch.decode_slots].to(q.dtype)      # [B, Lmax, Hkv, D]
+            values = v_cache[batch.decode_slots].to(q.dtype)
+            mask = batch.decode_mask[:, None, None, :]         # [B, 1, 1, Lmax]
+            attn = F.scaled_dot_product_attention(
+                q[rows][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[rows] = attn[:, :, 0, :]
+        for start, length, slots, mask in batch.prefill_segments:
+            keys = k_cache[slots].to(q.dtype).transpose(0, 1)[None]   # [1, Hkv, L, D]
+            values = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+            queries = q[start:start + length].transpose(0, 1)[None]    # [1, Hq, n, D]
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
+            out[start:start + length] = attn[0].transpose(0, 1)
+        return out
+
+
+class MLP(nn.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))`` — the dense layers and the shared expert."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
