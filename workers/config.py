@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 SUPPORTED_MODEL_TYPES = ("glm4_moe",)
 
 
@@ -105,6 +107,10 @@ class ModelConfig:
         last = self.num_hidden_layers + self.num_nextn_predict_layers
         return [i for i in range(last) if self.is_moe_layer(i)]
 
+    def torch_dtype_as_torch(self) -> torch.dtype:
+        """The checkpoint's storage dtype as a torch dtype."""
+        return getattr(torch, self.torch_dtype)
+
     # ---- IO -------------------------------------------------------------------------------
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config.json") -> ModelConfig:
@@ -118,6 +124,9 @@ class ModelConfig:
         scaling = values.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
         if scaling:
             raise ConfigError(f"{source}: config field 'rope_scaling'={scaling!r}: only default RoPE is supported")
+        for name in ("hidden_size", "num_attention_heads", "num_hidden_layers", "vocab_size"):
+            if name not in values:
+                raise ConfigError(f"{source}: missing config field {name!r}")
         if values.get("head_dim") is None:
             values["head_dim"] = values["hidden_size"] // values["num_attention_heads"]
         if "dtype" in values and "torch_dtype" not in values:
@@ -189,7 +198,7 @@ class ModelConfig:
         if self.num_nextn_predict_layers:
             # enorm, hnorm, eh_proj, shared_head.norm, the MoE decoder layer, and the embed/head copies.
             mtp = 3 * h + 2 * h * h + moe_layer_total + 2 * self.vocab_size * h
-        return {"total": total, "active": active, "mtp": mtp,
+        return {"total": total, "active": active, "active_non_embedding": active - embed - head, "mtp": mtp,
                 "routed_experts": n_moe * self.n_routed_experts * expert}
 
 
