@@ -29,5 +29,16 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/python -m cluster.demo
 
+# Regenerate the committed gRPC stubs (cluster/moecluster_pb2*.py*) from proto/; tests/api/test_stubs.py
+# checks they match. protoc writes moecluster/v1/...; the stubs live in the cluster package instead.
+PROTO_OUT := build/proto
+proto: $(STAMP)
+	rm -rf $(PROTO_OUT) && mkdir -p $(PROTO_OUT)
+	$(BIN)/python -m grpc_tools.protoc -I proto --python_out=$(PROTO_OUT) --pyi_out=$(PROTO_OUT) \
+		--grpc_python_out=$(PROTO_OUT) proto/moecluster/v1/moecluster.proto
+	cp $(PROTO_OUT)/moecluster/v1/moecluster_pb2.py $(PROTO_OUT)/moecluster/v1/moecluster_pb2.pyi cluster/
+	sed 's/^from moecluster\.v1 import /from cluster import /' $(PROTO_OUT)/moecluster/v1/moecluster_pb2_grpc.py \
+		> cluster/moecluster_pb2_grpc.py
+
 clean:
 	rm -rf $(VENV) build *.egg-info
