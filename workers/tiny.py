@@ -37,6 +37,10 @@ PRESETS: dict[str, tuple[dict, int]] = {
     "sharded": ({"use_qk_norm": True, "first_k_dense_replace": 2, "num_hidden_layers": 4}, 3),
     # The official layer count, so transformers' MTP patterns (layers 46/92) apply as to the real one.
     "air46": ({"num_hidden_layers": 46, "n_routed_experts": 8, "num_experts_per_tok": 2}, 2),
+    # Larger, for benchmarks: enough compute per step that overheads do not hide it.
+    "bench": ({"hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 2, "head_dim": 64,
+               "num_hidden_layers": 4, "intermediate_size": 1024, "moe_intermediate_size": 256,
+               "n_routed_experts": 64, "num_experts_per_tok": 8}, 1),
 }
 
 
