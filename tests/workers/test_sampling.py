@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from cluster.sampling import (
+from workers.sampling import (
     InvalidSamplingParams,
     Sampler,
     SamplingParams,

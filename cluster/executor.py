@@ -1,0 +1,123 @@
+"""Step executors: where the coordinator's steps run.
+
+``LocalExecutor`` runs one attention worker's steps in this process with every expert local
+(tests, the reference engine, the benchmark baseline). ``ClusterExecutor`` sends each attention
+worker its step as one Ray call (the per-layer traffic stays on ZMQ); steps of different
+attention workers run concurrently.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+import ray
+import torch
+from ray.exceptions import RayActorError, RayTaskError
+
+from cluster.errors import WorkerFailure
+from cluster.runtime import Cluster, unwrap_ray_error
+from workers.batch import SequenceChunk
+from workers.config import ModelConfig
+from workers.generate import load_model
+from workers.kv_cache import PagedKVCache
+from workers.model_runner import ModelRunner, RowSampling, StepOutput
+
+WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
+
+
+class StepExecutor(Protocol):
+    model_config: ModelConfig
+    num_workers: int
+    num_kv_blocks: int
+    block_size_tokens: int
+
+    def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        """Run each attention worker's step (keys: worker index); raises WorkerFailure."""
+
+    def workers(self) -> list[dict[str, Any]]:
+        """One dict per worker: role, index, node_id, state."""
+
+    def placement(self) -> dict[str, Any]: ...
+
+    def lost_workers(self) -> list[str]:
+        """Workers that no longer answer (after a failed step); empty when all are alive."""
+
+    def shutdown(self) -> None: ...
+
+
+class LocalExecutor:
+    """A single in-process attention worker with local experts."""
+
+    def __init__(self, checkpoint: str, num_kv_blocks: int, block_size_tokens: int, dtype: str = "float32") -> None:
+        model = load_model(checkpoint, getattr(torch, dtype))
+        self.model_config = model.config
+        self.num_workers = 1
+        self.num_kv_blocks = num_kv_blocks
+        self.block_size_tokens = block_size_tokens
+        self.runner = ModelRunner(model, PagedKVCache(model.config, num_kv_blocks, block_size_tokens,
+                                                      dtype=getattr(torch, dtype)))
+
+    def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        return {w: self.runner.execute(*step) for w, step in steps.items()}
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [{"role": "attention+expert", "index": 0, "node_id": "local", "state": "ready"}]
+
+    def placement(self) -> dict[str, Any]:
+        return {"version": 0, "num_workers": 1, "replicas": [[0]] * self.model_config.n_routed_experts}
+
+    def lost_workers(self) -> list[str]:
+        return []
+
+    def shutdown(self) -> None:
+        pass
+
+
+class ClusterExecutor:
+    """Attention workers on Ray, driven one step each per engine step."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+        self.model_config = cluster.model_config
+        self.num_workers = len(cluster.attention)
+        self.num_kv_blocks = cluster.config.num_kv_blocks
+        self.block_size_tokens = cluster.config.block_size_tokens
+        self._failed: set[tuple[str, int]] = set()
+
+    def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        refs = {w: self.cluster.attention[w].execute.remote(*step) for w, step in steps.items()}
+        out, errors = {}, []
+        for w, ref in refs.items():
+            try:
+                out[w] = ray.get(ref)
+            except RayActorError as exc:
+                self._failed.add(("attention", w))
+                errors.append(f"attention worker {w} died: {unwrap_ray_error(exc)}")
+            except RayTaskError as exc:
+                errors.append(f"step failed on attention worker {w}: {unwrap_ray_error(exc)}")
+        if errors:
+            raise WorkerFailure("; ".join(errors))
+        return out
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [info | {"state": "failed" if (info["role"], info["index"]) in self._failed else "ready"}
+                for info in self.cluster.worker_info]
+
+    def placement(self) -> dict[str, Any]:
+        return self.cluster.placement.to_dict()
+
+    def lost_workers(self, timeout_s: float = 10.0) -> list[str]:
+        roles = [("attention", i, a) for i, a in enumerate(self.cluster.attention)]
+        roles += [("expert", i, a) for i, a in enumerate(self.cluster.experts)]
+        refs = [(role, i, actor.ready.remote()) for role, i, actor in roles]
+        lost = []
+        for role, i, ref in refs:
+            try:
+                ray.get(ref, timeout=timeout_s)
+            except Exception as exc:  # dead, or too wedged to answer a ping: either way, lost
+                self._failed.add((role, i))
+                lost.append(f"{role} worker {i} ({unwrap_ray_error(exc)})")
+        return lost
+
+    def shutdown(self) -> None:
+        self.cluster.shutdown()
