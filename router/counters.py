@@ -1,0 +1,138 @@
+"""Traffic counters of the data plane, read by the load balancer and the metrics exporter.
+
+`ServerCounters` live in an expert server (per layer: pairs per expert, bytes, dispatches);
+`DispatcherCounters` live in a dispatcher (per layer and worker: bytes, dispatches, round trips).
+One thread writes, any thread may call `snapshot()`, which returns plain lists and dicts with
+string keys (msgpack- and JSON-able).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+
+@dataclass
+class _ServerLayer:
+    dispatches: int = 0
+    tokens: int = 0
+    pairs: int = 0
+    bytes_received: int = 0
+    bytes_sent: int = 0
+
+
+class ServerCounters:
+    """Per layer: dispatches served, token rows and (token, expert) pairs received, bytes each way.
+
+    `tokens_per_expert` counts, per expert, the tokens routed to it (one per pair).
+    """
+
+    def __init__(self, num_experts: int) -> None:
+        self.num_experts = num_experts
+        self._lock = threading.Lock()
+        self._layers: dict[int, _ServerLayer] = {}
+        self._tokens_per_expert: dict[int, torch.Tensor] = {}
+        self.errors = 0
+
+    def record(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int, bytes_sent: int) -> None:
+        per_expert = torch.bincount(pair_expert.to(torch.int64), minlength=self.num_experts)
+        with self._lock:
+            counts = self._layers.setdefault(layer, _ServerLayer())
+            counts.dispatches += 1
+            counts.tokens += tokens
+            counts.pairs += pair_expert.numel()
+            counts.bytes_received += bytes_received
+            counts.bytes_sent += bytes_sent
+            if layer in self._tokens_per_expert:
+                self._tokens_per_expert[layer] += per_expert
+            else:
+                self._tokens_per_expert[layer] = per_expert
+
+    def record_error(self) -> None:
+        with self._lock:
+            self.errors += 1
+
+    def tokens_per_expert(self, layer: int) -> torch.Tensor:
+        """Copy of the [num_experts] int64 pair counts of one layer (zeros if never dispatched)."""
+        with self._lock:
+            counts = self._tokens_per_expert.get(layer)
+            return torch.zeros(self.num_experts, dtype=torch.int64) if counts is None else counts.clone()
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            layers = [
+                {"layer": layer, **asdict(c), "tokens_per_expert": self._tokens_per_expert[layer].tolist()}
+                for layer, c in sorted(self._layers.items())
+            ]
+            return {"num_experts": self.num_experts, "errors": self.errors, "layers": layers}
+
+
+@dataclass
+class _Link:
+    dispatches: int = 0
+    tokens_sent: int = 0
+    pairs_sent: int = 0
+    bytes_sent: int = 0
+    bytes_received: int = 0
+    rtt_s_sum: float = 0.0
+    rtt_s_count: int = 0
+    rtt_s_max: float = 0.0
+
+
+class DispatcherCounters:
+    """Per (layer, worker): dispatches, tokens and pairs sent, bytes each way, round-trip seconds.
+
+    A round trip is timed from send to the moment the reply is read, so it includes any time the
+    caller spent (e.g. on the shared expert) before calling `PendingDispatch.result()`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._links: dict[tuple[int, int], _Link] = {}
+        self.timeouts = 0
+        self.remote_errors = 0
+        self.stale_replies = 0
+
+    def record_send(self, layer: int, worker: int, tokens: int, pairs: int, bytes_sent: int) -> None:
+        with self._lock:
+            link = self._links.setdefault((layer, worker), _Link())
+            link.dispatches += 1
+            link.tokens_sent += tokens
+            link.pairs_sent += pairs
+            link.bytes_sent += bytes_sent
+
+    def record_reply(self, layer: int, worker: int, bytes_received: int, rtt_s: float) -> None:
+        with self._lock:
+            link = self._links.setdefault((layer, worker), _Link())
+            link.bytes_received += bytes_received
+            link.rtt_s_sum += rtt_s
+            link.rtt_s_count += 1
+            link.rtt_s_max = max(link.rtt_s_max, rtt_s)
+
+    def record_timeout(self) -> None:
+        with self._lock:
+            self.timeouts += 1
+
+    def record_remote_error(self) -> None:
+        with self._lock:
+            self.remote_errors += 1
+
+    def record_stale_reply(self) -> None:
+        with self._lock:
+            self.stale_replies += 1
+
+    def snapshot(self) -> dict[str, Any]:
+        with self._lock:
+            links = [
+                {"layer": layer, "worker": worker, **asdict(link)}
+                for (layer, worker), link in sorted(self._links.items())
+            ]
+            return {
+                "timeouts": self.timeouts,
+                "remote_errors": self.remote_errors,
+                "stale_replies": self.stale_replies,
+                "links": links,
+            }

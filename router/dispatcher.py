@@ -1,0 +1,232 @@
+"""Dispatcher: the attention worker's remote expert backend.
+
+For one MoE layer it groups the (token, k) pairs by the expert worker that will compute them,
+sends each worker the distinct tokens it needs plus its pairs, and returns at once so the caller
+can compute the shared expert meanwhile; `PendingDispatch.result()` then gathers one hidden vector
+per token per worker and sums them back into token order. Used from a single thread.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+import weakref
+from collections.abc import Mapping
+
+import torch
+import zmq
+
+from router import wire
+from router.counters import DispatcherCounters
+from router.errors import DispatchTimeout, PlacementError, RemoteExpertError, WireError
+from router.placement import PlacementTable
+
+HWM_MESSAGES = 1024
+
+
+class PendingDispatch:
+    """Replies still to come for one `Dispatcher.submit`; `result()` waits for them."""
+
+    def __init__(
+        self, dispatcher: Dispatcher, req: int, layer: int, out: torch.Tensor, dtype: torch.dtype, device: torch.device
+    ) -> None:
+        self._dispatcher = dispatcher
+        self.req = req
+        self.layer = layer
+        self._out = out  # float32 accumulator [T, H]
+        self._dtype = dtype
+        self._device = device
+        self._rows: dict[int, torch.Tensor] = {}  # worker -> rows of the token batch it was sent
+        self._sent_s: dict[int, float] = {}
+        self._deadline_s = time.monotonic() + dispatcher.timeout_s
+        self._error: Exception | None = None
+        self._value: torch.Tensor | None = None
+
+    def result(self) -> torch.Tensor:
+        """The routed-expert output [T, H] in the dtype of `x`.
+
+        Raises DispatchTimeout if a worker has not answered by `timeout_s` after submit, and
+        RemoteExpertError if a worker answered with an error.
+        """
+        if self._value is None and self._error is None:
+            self._dispatcher._collect(self)
+        if self._error is not None:
+            raise self._error
+        if self._value is None:
+            self._value = self._out.to(device=self._device, dtype=self._dtype)
+        return self._value
+
+    @property
+    def waiting_for(self) -> list[int]:
+        """Workers whose reply has not arrived yet."""
+        return sorted(self._rows)
+
+    def _accept(self, worker: int, msg: wire.Message) -> None:
+        rows = self._rows.pop(worker)
+        if isinstance(msg, wire.ErrorReply):
+            endpoint = self._dispatcher.endpoints[worker]
+            self._fail(RemoteExpertError(f"expert worker {worker} at {endpoint}, layer {self.layer}: {msg.reason}"))
+            return
+        if not isinstance(msg, wire.Result) or tuple(msg.y.shape) != (rows.numel(), self._out.shape[1]):
+            shape = list(msg.y.shape) if isinstance(msg, wire.Result) else None
+            self._fail(
+                WireError(
+                    f"expert worker {worker} replied {type(msg).__name__} of shape {shape} to layer "
+                    f"{self.layer}, expected a result of shape {[rows.numel(), self._out.shape[1]]}"
+                )
+            )
+            return
+        self._out.index_add_(0, rows, msg.y.float())
+
+    def _fail(self, error: Exception) -> None:
+        self._error = error
+        self._rows.clear()
+
+
+class Dispatcher:
+    """Sends each MoE layer's routed tokens to the expert workers named by `placement`.
+
+    `endpoints` maps every worker id of the placement to its ZMQ address (`tcp://host:port`).
+    One DEALER socket per worker; `timeout_s` bounds how long `result()` waits for all replies.
+    """
+
+    def __init__(self, placement: PlacementTable, endpoints: Mapping[int, str], timeout_s: float = 30.0) -> None:
+        missing = sorted(set(range(placement.num_workers)) - set(endpoints))
+        if missing:
+            raise PlacementError(f"no endpoint for expert worker(s) {missing}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+        self.placement = placement
+        self.endpoints = dict(endpoints)
+        self.timeout_s = timeout_s
+        self.counters = DispatcherCounters()
+        self._ctx = zmq.Context()
+        self._sockets: dict[int, zmq.Socket] = {}
+        self._poller = zmq.Poller()
+        for worker in range(placement.num_workers):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)  # a dead worker must not block close()
+            sock.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
+            sock.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
+            sock.connect(self.endpoints[worker])
+            self._sockets[worker] = sock
+            self._poller.register(sock, zmq.POLLIN)
+        self._worker_of = {sock: worker for worker, sock in self._sockets.items()}
+        self._req_ids = itertools.count()
+        # Dispatches whose replies may still arrive; a dropped PendingDispatch leaves on its own.
+        self._pending: weakref.WeakValueDictionary[int, PendingDispatch] = weakref.WeakValueDictionary()
+        self._closed = False
+
+    def submit(
+        self, layer: int, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
+    ) -> PendingDispatch:
+        """Send layer `layer`'s pairs without waiting. x [T, H]; topk_ids [T, K] int; topk_weights [T, K]."""
+        if self._closed:
+            raise RuntimeError("dispatcher is closed")
+        if x.dim() != 2 or topk_ids.dim() != 2 or topk_ids.shape[0] != x.shape[0]:
+            raise ValueError(f"need x [T, H] and topk_ids [T, K], got {list(x.shape)} and {list(topk_ids.shape)}")
+        if topk_weights.shape != topk_ids.shape:
+            raise ValueError(f"topk_weights {list(topk_weights.shape)} must match topk_ids {list(topk_ids.shape)}")
+        if x.dtype not in wire.HIDDEN_DTYPES.values():
+            raise ValueError(f"x dtype {x.dtype} is not one of {sorted(wire.HIDDEN_DTYPES)}")
+        num_tokens, k = topk_ids.shape
+        pending = PendingDispatch(
+            self, next(self._req_ids), layer, torch.zeros(x.shape, dtype=torch.float32), x.dtype, x.device
+        )
+        if num_tokens == 0:
+            return pending
+
+        # Sort the flattened (token, k) pairs by worker; a stable sort keeps tokens ascending
+        # inside each worker's segment, so unique_consecutive finds its distinct tokens.
+        worker_of_pair = self.placement.choose(topk_ids).reshape(-1)
+        order = torch.argsort(worker_of_pair, stable=True)
+        pair_counts = torch.bincount(worker_of_pair, minlength=self.placement.num_workers).tolist()
+        token_sorted = order // k
+        expert_sorted = topk_ids.reshape(-1).cpu()[order].to(torch.int32)
+        weight_sorted = topk_weights.reshape(-1).cpu()[order].to(torch.float32)
+
+        self._pending[pending.req] = pending
+        start = 0
+        for worker, count in enumerate(pair_counts):
+            if count == 0:
+                continue
+            end = start + count
+            rows, pair_token = torch.unique_consecutive(token_sorted[start:end], return_inverse=True)
+            # rows is sorted and distinct, so covering every token means it is arange(T): send x as is.
+            x_worker = x if rows.numel() == num_tokens else x[rows.to(x.device)]
+            msg = wire.Dispatch(
+                pending.req,
+                layer,
+                x_worker.cpu(),
+                pair_token.to(torch.int32),
+                expert_sorted[start:end],
+                weight_sorted[start:end],
+            )
+            self._send(pending, worker, rows, msg)
+            start = end
+        return pending
+
+    def close(self) -> None:
+        """Close every socket. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._sockets.values():
+            sock.close()
+        self._ctx.term()
+
+    def __enter__(self) -> Dispatcher:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor, msg: wire.Dispatch) -> None:
+        frames = wire.encode(msg)
+        try:
+            # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
+            self._sockets[worker].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            self._pending.pop(pending.req, None)
+            self.counters.record_timeout()
+            raise DispatchTimeout(
+                f"layer {msg.layer}: send queue to expert worker {worker} at {self.endpoints[worker]} is full "
+                f"({HWM_MESSAGES} messages); the worker is not reading"
+            ) from None
+        pending._rows[worker] = rows
+        pending._sent_s[worker] = time.perf_counter()
+        self.counters.record_send(msg.layer, worker, rows.numel(), msg.pair_expert.numel(), wire.nbytes(frames))
+
+    def _collect(self, pending: PendingDispatch) -> None:
+        """Read replies (for this or any other live dispatch) until `pending` has all of its own."""
+        while pending._rows:
+            remaining_s = pending._deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                self._pending.pop(pending.req, None)
+                self.counters.record_timeout()
+                late = ", ".join(f"worker {w} at {self.endpoints[w]}" for w in pending.waiting_for)
+                pending._fail(DispatchTimeout(f"layer {pending.layer}: no reply within {self.timeout_s} s from {late}"))
+                return
+            for sock, _ in self._poller.poll(remaining_s * 1000):
+                self._drain(sock)
+        self._pending.pop(pending.req, None)
+
+    def _drain(self, sock: zmq.Socket) -> None:
+        worker = self._worker_of[sock]
+        while True:
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            received_s = time.perf_counter()
+            msg = wire.decode(frames)
+            owner = self._pending.get(msg.req)
+            if owner is None or worker not in owner._rows:
+                self.counters.record_stale_reply()  # e.g. the reply to a dispatch that timed out
+                continue
+            self.counters.record_reply(msg.layer, worker, wire.nbytes(frames), received_s - owner._sent_s[worker])
+            owner._accept(worker, msg)
+            if isinstance(msg, wire.ErrorReply):
+                self.counters.record_remote_error()
+            if owner._error is not None:
+                self._pending.pop(owner.req, None)
