@@ -62,7 +62,9 @@ class ExpertShard:
                  layers: dict[int, tuple[torch.Tensor, torch.Tensor]]) -> None:
         self.expert_ids = sorted(expert_ids)
         self.layers = layers  # layer -> (gate_up [E_local, 2I, H], down [E_local, H, I])
-        self.local_index = torch.full((num_experts,), -1, dtype=torch.long)
+        # Global expert id -> row of the stacked weights; experts held elsewhere map to one past the
+        # last row, so the per-expert counts of `compute` also count the pairs it cannot serve.
+        self.local_index = torch.full((num_experts,), len(self.expert_ids), dtype=torch.long)
         self.local_index[self.expert_ids] = torch.arange(len(self.expert_ids))
 
     @classmethod
@@ -95,30 +97,38 @@ class ExpertShard:
 
     def compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
                 pair_weight: torch.Tensor) -> torch.Tensor:
-        """``y[t] = sum over pairs p of token t: w_p * Expert_{e_p}(x[t])`` for x [n, H] → [n, H]."""
+        """``y[t] = sum over pairs p of token t: w_p * Expert_{e_p}(x[t])`` for x [n, H] → [n, H].
+
+        Pairs are sorted by expert once and their rows of x gathered once, so each expert runs on a
+        contiguous slice; the weighted outputs are scattered back with a single ``index_add_``.
+        Raises KeyError for a layer not held here, IndexError for an expert id outside the model
+        and ValueError for an expert held by another worker.
+        """
         if layer not in self.layers:
             raise KeyError(f"MoE layer {layer} is not held here (layers: {sorted(self.layers)})")
         gate_up, down = self.layers[layer]
-        if pair_expert.numel() and (int(pair_expert.min()) < 0 or int(pair_expert.max()) >= len(self.local_index)):
-            raise ValueError(f"expert id out of range [0, {len(self.local_index)})")
-        local = self.local_index[pair_expert.long()]
-        if bool((local < 0).any()):
-            missing = sorted(set(pair_expert[local < 0].tolist()))
+        num_local = len(self.expert_ids)
+        local = self.local_index.index_select(0, pair_expert)  # bounds-checked, negative ids included
+        counts = torch.bincount(local, minlength=num_local + 1).tolist()
+        if counts[num_local]:
+            missing = sorted(set(pair_expert[local == num_local].tolist()))
             raise ValueError(f"experts {missing} of layer {layer} are not held here")
-        out = torch.zeros(x.shape[0], x.shape[1], dtype=torch.float32, device=x.device)
         order = torch.argsort(local, stable=True)
-        counts = torch.bincount(local, minlength=len(self.expert_ids)).tolist()
-        pair_token = pair_token.long()
+        rows = pair_token.index_select(0, order)
+        xs = x.index_select(0, rows)  # [P, H], grouped by expert
+        ys = torch.empty_like(xs)
         start = 0
-        for e_local, count in enumerate(counts):
+        for e_local, count in enumerate(counts[:num_local]):
             if count == 0:
                 continue
-            sel = order[start:start + count]
-            start += count
-            rows = pair_token[sel]
-            gate, up = F.linear(x[rows], gate_up[e_local].to(x.dtype)).chunk(2, dim=-1)
-            y = F.linear(F.silu(gate) * up, down[e_local].to(x.dtype))
-            out.index_add_(0, rows, (y * pair_weight[sel, None].to(y.dtype)).float())
+            end = start + count
+            gate, up = F.linear(xs[start:end], gate_up[e_local].to(x.dtype)).chunk(2, dim=-1)
+            torch.mm(F.silu(gate) * up, down[e_local].to(x.dtype).t(), out=ys[start:end])
+            start = end
+        # Weigh and sum in float32 as the reference does (fp32 routing weights promote the product).
+        weighted = ys.mul_(pair_weight.index_select(0, order).unsqueeze(1)) if x.dtype == torch.float32 \
+            else ys * pair_weight.index_select(0, order).unsqueeze(1)
+        out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, weighted)
         return out.to(x.dtype)
 
 
