@@ -63,6 +63,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from cluster.engine import Engine, EngineConfig  # noqa: E402
+from workers.malloc_tuning import tune_malloc  # noqa: E402
 from workers.sampling import SamplingParams  # noqa: E402
 from workers.tiny import make_tiny  # noqa: E402
 from workers.tiny_tokenizer import special_token_ids  # noqa: E402
@@ -593,6 +594,7 @@ async def run_all(engines: list[EngineUnderTest], hf: HfStatic | None, requests:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    tune_malloc()  # every engine in this process (transformers too) runs with the same malloc settings
     concurrencies = sorted(set(args.concurrency))
     from_arrival = args.request_rate is not None
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,6 +20,7 @@ from workers.batch import SequenceChunk
 from workers.config import ModelConfig
 from workers.generate import load_model
 from workers.kv_cache import PagedKVCache
+from workers.malloc_tuning import tune_malloc
 from workers.model_runner import ModelRunner, RowSampling, StepOutput
 
 WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
@@ -49,6 +50,7 @@ class LocalExecutor:
     """A single in-process attention worker with local experts."""
 
     def __init__(self, checkpoint: str, num_kv_blocks: int, block_size_tokens: int, dtype: str = "float32") -> None:
+        tune_malloc()
         model = load_model(checkpoint, getattr(torch, dtype))
         self.model_config = model.config
         self.num_workers = 1

@@ -132,7 +132,9 @@ class Cluster:
         if ray.is_initialized():
             return
         if cfg.address == "local":
-            ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level=logging.WARNING,
+            # address="local" always starts a fresh instance, even if a Ray cluster runs on this host
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                     logging_level=logging.WARNING,
                      resources={"attention": cfg.num_attention_workers, "expert": cfg.num_expert_workers})
             self._owns_ray = True
         else:

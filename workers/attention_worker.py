@@ -19,6 +19,7 @@ from router.placement import PlacementTable
 from workers.batch import SequenceChunk
 from workers.checkpoint import Checkpoint
 from workers.kv_cache import PagedKVCache
+from workers.malloc_tuning import tune_malloc
 from workers.model import Glm4MoeForCausalLM
 from workers.model_runner import ModelRunner, RowSampling, StepOutput
 from workers.placement_info import node_identity
@@ -27,6 +28,7 @@ from workers.placement_info import node_identity
 class AttentionWorker:
     def __init__(self, checkpoint_dir: str, worker_index: int, num_kv_blocks: int, block_size_tokens: int,
                  dtype: str = "float32", num_threads: int = 1, device: str = "cpu") -> None:
+        tune_malloc()
         torch.set_num_threads(num_threads)
         self.worker_index = worker_index
         self.device = torch.device(device)

@@ -43,8 +43,10 @@ class ForwardBatch:
     context_lens: list[int]            # KV length of each sequence after this step
     logits_indices: torch.Tensor       # [N] rows of the flat batch that get logits
     decode_rows: torch.Tensor          # [B] rows of single-token sequences
-    decode_slots: torch.Tensor         # [B, Lmax] their context slots (padded)
-    decode_mask: torch.Tensor          # [B, Lmax] True where a slot is real
+    decode_blocks: torch.Tensor        # [B, Nmax] their block tables (padded with block 0)
+    decode_mask: torch.Tensor          # [B, Nmax * block_size] True where a slot holds context
+    block_size_tokens: int
+    # per multi-token chunk: (first row, rows, its blocks [n], causal mask [rows, n * block_size])
     prefill_segments: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
 
     @property
@@ -52,21 +54,22 @@ class ForwardBatch:
         return int(self.token_ids.shape[0])
 
 
-def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size_tokens: int) -> torch.Tensor:
-    return block_table[positions // block_size_tokens] * block_size_tokens + positions % block_size_tokens
-
-
 def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
                 device: torch.device | str = "cpu") -> ForwardBatch:
-    """Flatten ``chunks`` into one ForwardBatch (sequences keep their order)."""
+    """Flatten ``chunks`` into one ForwardBatch (sequences keep their order).
+
+    Attention reads whole blocks (one contiguous copy per block), so decode rows carry their
+    padded block tables and a mask over the slots those blocks span.
+    """
     if not chunks:
         raise ValueError("build_batch needs at least one sequence chunk")
+    bs = block_size_tokens
     token_ids: list[int] = []
-    positions: list[torch.Tensor] = []
-    slots: list[torch.Tensor] = []
+    positions: list[int] = []
+    slots: list[int] = []
     logits_rows: list[int] = []
     decode_rows: list[int] = []
-    decode_tables: list[torch.Tensor] = []
+    decode_tables: list[list[int]] = []
     decode_lens: list[int] = []
     segments: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     row = 0
@@ -74,52 +77,48 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         n = len(chunk.token_ids)
         if n == 0:
             raise ValueError("a sequence chunk has no tokens")
-        needed_blocks = -(-chunk.end_position // block_size_tokens)
-        if len(chunk.block_table) < needed_blocks:
-            raise ValueError(f"block table has {len(chunk.block_table)} blocks, "
-                             f"{needed_blocks} needed for {chunk.end_position} tokens")
+        end = chunk.end_position
+        needed_blocks = -(-end // bs)
+        table = chunk.block_table
+        if len(table) < needed_blocks:
+            raise ValueError(f"block table has {len(table)} blocks, {needed_blocks} needed for {end} tokens")
         if not 0 <= chunk.num_logits <= n:
             raise ValueError(f"num_logits={chunk.num_logits} outside [0, {n}]")
-        table = torch.tensor(chunk.block_table, dtype=torch.long)
-        pos = torch.arange(chunk.start_position, chunk.end_position, dtype=torch.long)
         token_ids.extend(chunk.token_ids)
-        positions.append(pos)
-        slots.append(_slots(table, pos, block_size_tokens))
+        span = range(chunk.start_position, end)
+        positions.extend(span)
+        slots.extend(table[p // bs] * bs + p % bs for p in span)
         logits_rows.extend(range(row + n - chunk.num_logits, row + n))
         if n == 1:
             decode_rows.append(row)
-            decode_tables.append(table)
-            decode_lens.append(chunk.end_position)
+            decode_tables.append(table[:needed_blocks])
+            decode_lens.append(end)
         else:
-            context = _slots(table, torch.arange(chunk.end_position), block_size_tokens)
-            mask = torch.arange(chunk.end_position)[None, :] <= pos[:, None]
-            segments.append((row, n, context.to(device), mask.to(device)))
+            context = torch.arange(needed_blocks * bs)
+            pos = torch.arange(chunk.start_position, end)
+            mask = context[None, :] <= pos[:, None]
+            segments.append((row, n, torch.tensor(table[:needed_blocks], dtype=torch.long).to(device),
+                             mask.to(device)))
         row += n
 
     if decode_rows:
-        max_len = max(decode_lens)
-        span = torch.arange(max_len)
-        decode_mask = span[None, :] < torch.tensor(decode_lens)[:, None]
         max_blocks = max(len(t) for t in decode_tables)
-        tables = torch.zeros(len(decode_tables), max_blocks, dtype=torch.long)
-        for i, t in enumerate(decode_tables):
-            tables[i, :len(t)] = t
-        block_idx = (span // block_size_tokens).clamp(max=max_blocks - 1)
-        decode_slots = tables[:, block_idx] * block_size_tokens + span % block_size_tokens
-        decode_slots = torch.where(decode_mask, decode_slots, 0)
+        decode_blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
+        decode_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens)[:, None]
     else:
+        decode_blocks = torch.zeros(0, 0, dtype=torch.long)
         decode_mask = torch.zeros(0, 0, dtype=torch.bool)
-        decode_slots = torch.zeros(0, 0, dtype=torch.long)
 
     return ForwardBatch(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.cat(positions).to(device),
-        slot_mapping=torch.cat(slots).to(device),
+        positions=torch.tensor(positions, dtype=torch.long, device=device),
+        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
         query_lens=[len(c.token_ids) for c in chunks],
         context_lens=[c.end_position for c in chunks],
         logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
         decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-        decode_slots=decode_slots.to(device),
+        decode_blocks=decode_blocks.to(device),
         decode_mask=decode_mask.to(device),
+        block_size_tokens=bs,
         prefill_segments=segments,
     )

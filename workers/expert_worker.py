@@ -15,12 +15,14 @@ import torch
 from router.expert_server import ExpertServer
 from workers.checkpoint import Checkpoint
 from workers.experts import ExpertShard, expert_predicate
+from workers.malloc_tuning import tune_malloc
 from workers.placement_info import node_identity
 
 
 class ExpertWorker:
     def __init__(self, checkpoint_dir: str, worker_index: int, expert_ids: list[int], dtype: str = "float32",
                  bind_host: str | None = None, num_threads: int = 1, device: str = "cpu") -> None:
+        tune_malloc()
         torch.set_num_threads(num_threads)
         self.worker_index = worker_index
         checkpoint = Checkpoint(checkpoint_dir)

@@ -101,27 +101,37 @@ class Attention(nn.Module):
                 v_cache: torch.Tensor) -> torch.Tensor:
         """Causal attention of every sequence's new queries over its cached context.
 
-        Decode rows (one query each) are batched into one padded call; prefill chunks run one
-        call per sequence.
+        Context is read a whole block at a time (one contiguous copy per block). Decode rows (one
+        query each) are batched into one padded call; prefill chunks run one call per sequence.
         """
         out = torch.empty_like(q)
+        k_blocks = k_cache.view(-1, batch.block_size_tokens, self.num_kv_heads, self.head_dim)
+        v_blocks = v_cache.view(-1, batch.block_size_tokens, self.num_kv_heads, self.head_dim)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
-            keys = k_cache[batch.decode_slots].to(q.dtype)      # [B, Lmax, Hkv, D]
-            values = v_cache[batch.decode_slots].to(q.dtype)
-            mask = batch.decode_mask[:, None, None, :]         # [B, 1, 1, Lmax]
+            keys = _gather_blocks(k_blocks, batch.decode_blocks).to(q.dtype)     # [B, Lmax, Hkv, D]
+            values = _gather_blocks(v_blocks, batch.decode_blocks).to(q.dtype)
+            mask = batch.decode_mask[:, None, None, :]                           # [B, 1, 1, Lmax]
             attn = F.scaled_dot_product_attention(
-                q[rows][:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
+                q.index_select(0, rows)[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
                 attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[rows] = attn[:, :, 0, :]
-        for start, length, slots, mask in batch.prefill_segments:
-            keys = k_cache[slots].to(q.dtype).transpose(0, 1)[None]   # [1, Hkv, L, D]
-            values = v_cache[slots].to(q.dtype).transpose(0, 1)[None]
+        for start, length, blocks, mask in batch.prefill_segments:
+            keys = _gather_blocks(k_blocks, blocks[None])[0].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
+            values = _gather_blocks(v_blocks, blocks[None])[0].to(q.dtype).transpose(0, 1)[None]
             queries = q[start:start + length].transpose(0, 1)[None]    # [1, Hq, n, D]
             attn = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:start + length] = attn[0].transpose(0, 1)
         return out
+
+
+def _gather_blocks(cache_blocks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
+    """Blocks ``tables`` [B, N] of ``cache_blocks`` [num_blocks, bs, Hkv, D] → [B, N * bs, Hkv, D]."""
+    num_seqs, num_blocks = tables.shape
+    _, bs, heads, dim = cache_blocks.shape
+    flat = cache_blocks.view(cache_blocks.shape[0], -1).index_select(0, tables.reshape(-1))
+    return flat.view(num_seqs, num_blocks * bs, heads, dim)
 
 
 class MLP(nn.Module):
