@@ -70,6 +70,15 @@ from workers.tiny_tokenizer import special_token_ids  # noqa: E402
 
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Serving (benchmarks/serve.py)"
+
+
+def section_heading(preset: str) -> str:
+    """The embedded default's "air" preset has the main section; other presets get their own."""
+    if preset == "air":
+        return SECTION_HEADING
+    return f"## Serving, {preset} preset (benchmarks/serve.py --preset {preset})"
+
+
 DOCS_INTRO = "# Benchmarks\n\nResults of the programs in `benchmarks/`, each next to the command that produced it.\n"
 ENGINES = ("cluster", "local", "hf-static")
 
@@ -483,13 +492,16 @@ def reading(results: list[RunResult], concurrencies: Sequence[int]) -> str:
                      f"against {lo_tpot:.1f} ms for the single-process "
                      f"engine: its static batches waste tokens, but its decode steps are cheaper and never "
                      f"share a step with another request's prefill.")
-    lines.append(
-        "* On this machine other jobs used about one of the two cores during most runs (CPU others), so the "
-        "cluster's three worker processes cannot run in parallel; distribution only adds work (Ray, "
-        "ZMQ, serialization) and hand-offs between processes that wait for a core. The `--threads 1` "
-        "choice is deliberate: in a side measurement on the shared cores, a batch-32 greedy step of the "
-        "in-process model took 585 ms with 2 torch threads against 30 ms with 1 (OpenMP threads waiting "
-        "for a core); transformers suffered alike.")
+    others = [r.extra["cpu_others"] for r in results if "cpu_others" in r.extra]
+    if others:
+        busy = statistics.mean(others)
+        lines.append(
+            f"* Other processes on the machine (Ray's daemons included) used {busy:.2f} of the "
+            f"{os.cpu_count()} cores on average over the runs (CPU others): with less than a core free, "
+            "the cluster's three worker processes cannot run in parallel and distribution only adds work "
+            "(Ray, ZMQ, serialization) and hand-offs between processes waiting for a core. Every process "
+            "here, transformers' included, runs 1 torch thread and the same glibc malloc thresholds "
+            "(`workers/malloc_tuning.py`).")
     return "\n".join(lines)
 
 
@@ -501,7 +513,7 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
     mode = (f"Poisson arrivals at {args.request_rate} req/s, at most `concurrency` in flight"
             if args.request_rate else "all requests ready at t=0, `concurrency` in flight")
     return "\n".join([
-        SECTION_HEADING, "",
+        section_heading(args.preset), "",
         "```", command_line(), "```", "",
         f"Run {datetime.date.today().isoformat()} on {machine_line(args)}.", "",
         f"{args.num_requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
@@ -520,9 +532,9 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
     ])
 
 
-def write_docs(section: str) -> None:
+def write_docs(section: str, heading: str) -> None:
     text = DOCS_PATH.read_text() if DOCS_PATH.exists() else DOCS_INTRO
-    pattern = re.compile(rf"^{re.escape(SECTION_HEADING)}\n.*?(?=^## |\Z)", re.S | re.M)
+    pattern = re.compile(rf"^{re.escape(heading)}\n.*?(?=^## |\Z)", re.S | re.M)
     if pattern.search(text):
         text = pattern.sub(lambda _: section.rstrip("\n") + "\n\n", text, count=1).rstrip("\n") + "\n"
     else:
@@ -628,7 +640,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(section)
     if args.write_docs:
-        write_docs(section)
+        write_docs(section, section_heading(args.preset))
         print(f"wrote {DOCS_PATH.relative_to(REPO_ROOT)}")
 
 
