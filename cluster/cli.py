@@ -26,6 +26,7 @@ from google.protobuf import json_format
 from cluster import moecluster_pb2 as pb
 from cluster import moecluster_pb2_grpc as pb_grpc
 from cluster.auth import call_metadata, open_channel
+from cluster.errors import ClusterError
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 TINY_PRESET, TINY_SEED = "air", 0
@@ -100,8 +101,10 @@ async def serve(args: argparse.Namespace) -> None:
     config = EngineConfig(
         checkpoint=str(checkpoint), address=args.address, num_attention_workers=args.attention_workers,
         num_expert_workers=args.expert_workers, expert_replicas=args.expert_replicas, dtype=args.dtype,
-        num_kv_blocks=args.num_kv_blocks, num_gpus_per_worker=args.gpus_per_worker,
-        max_num_seqs=args.max_num_seqs, max_waiting_requests=args.max_waiting_requests, model_name=args.name)
+        num_kv_blocks=args.num_kv_blocks, block_size_tokens=args.block_size, num_gpus_per_worker=args.gpus_per_worker,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        max_waiting_requests=args.max_waiting_requests, threads_per_worker=args.threads_per_worker,
+        start_timeout_s=args.start_timeout, dispatch_timeout_s=args.dispatch_timeout, model_name=args.name)
     done = threading.Event()
     ticker = threading.Thread(target=_progress, daemon=True, args=(
         f"loading {checkpoint.name} into {args.attention_workers} attention + {args.expert_workers} expert "
@@ -140,7 +143,15 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     parser.add_argument("--num-kv-blocks", type=int, default=1024, help="KV blocks per attention worker")
     parser.add_argument("--gpus-per-worker", type=float, default=0.0)
+    parser.add_argument("--block-size", type=int, default=16, help="tokens per KV block")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="requests running at once")
+    parser.add_argument("--max-num-batched-tokens", type=int, default=2048,
+                        help="token budget of one engine step (prefill chunks + decodes)")
+    parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each worker (CPU)")
+    parser.add_argument("--start-timeout", type=float, default=180.0,
+                        help="seconds every worker may take to load its weights")
+    parser.add_argument("--dispatch-timeout", type=float, default=30.0,
+                        help="seconds an expert worker may take to answer one dispatch")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
                         help="queue limit; beyond it RESOURCE_EXHAUSTED")
     parser.add_argument("--grace-s", type=float, default=10.0, help="how long Ctrl-C lets requests finish")
@@ -148,7 +159,10 @@ def serve_main(argv: Sequence[str]) -> None:
     args = parser.parse_args(argv)
     if (args.tls_cert is None) != (args.tls_key is None):
         parser.error("--tls-cert and --tls-key go together")
-    asyncio.run(serve(args))
+    try:
+        asyncio.run(serve(args))
+    except (ClusterError, ValueError) as exc:  # bad settings, Ray or workers that would not start
+        parser.exit(1, f"moecluster serve: error: {exc}\n")
 
 
 # ---- clients ------------------------------------------------------------------------------------------

@@ -131,14 +131,18 @@ class Cluster:
         cfg = self.config
         if ray.is_initialized():
             return
-        if cfg.address == "local":
-            # address="local" always starts a fresh instance, even if a Ray cluster runs on this host
-            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                     logging_level=logging.WARNING,
-                     resources={"attention": cfg.num_attention_workers, "expert": cfg.num_expert_workers})
-            self._owns_ray = True
-        else:
-            ray.init(address=cfg.address, logging_level=logging.WARNING)
+        try:
+            if cfg.address == "local":
+                # address="local" always starts a fresh instance, even if a Ray cluster runs on this host
+                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                         logging_level=logging.WARNING,
+                         resources={"attention": cfg.num_attention_workers, "expert": cfg.num_expert_workers})
+                self._owns_ray = True
+            else:
+                ray.init(address=cfg.address, logging_level=logging.WARNING)
+        except Exception as exc:  # Ray raises plain exceptions (ConnectionError, RuntimeError, ...)
+            what = "start a local Ray instance" if cfg.address == "local" else f"join the Ray cluster at {cfg.address}"
+            raise ClusterStartError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
 
     def _wait(self, refs: list[Any], role: str) -> list[Any]:
         try:

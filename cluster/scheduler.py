@@ -12,6 +12,7 @@ waiting queue to be recomputed later. New requests go to the worker with the mos
 
 from __future__ import annotations
 
+import bisect
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -128,7 +129,8 @@ class Scheduler:
             self.waiting.popleft()
             request.worker = worker
             request.status = RequestStatus.RUNNING
-            self.running.append(request)
+            # by arrival, so a readmitted (preempted) request keeps its age: the newest is the next victim
+            bisect.insort(self.running, request, key=lambda r: r.arrival)
             plan = plans[worker]
             self._schedule_running(request, plan, min(request.num_tokens, budget - plan.num_tokens))
         return {w: p for w, p in plans.items() if p.scheduled}

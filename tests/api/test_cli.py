@@ -69,3 +69,12 @@ def test_default_checkpoint_built_once(tmp_path, monkeypatch):
     assert cli.default_checkpoint() == folder
     assert (folder / "config.json").stat().st_mtime_ns == mtime
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-air-0"]
+
+
+def test_serve_with_bad_settings_exits_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MOECLUSTER_HOME", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["serve", "--expert-workers", "0", "--port", "0"])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "moecluster serve: error:" in err and "num_expert_workers" in err and "Traceback" not in err
