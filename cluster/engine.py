@@ -311,9 +311,9 @@ class Engine:
         running = self.scheduler.running
         workers = []
         for info in self.executor.workers():
-            load = len([r for r in running if r.worker == info["index"]]) if info["role"].startswith("attention") \
-                else None
-            workers.append(info | {"load": load})
+            if info["role"].startswith("attention"):
+                info = info | {"load": len([r for r in running if r.worker == info["index"]])}
+            workers.append(info)
         return {
             "model": self.model_name,
             "ready": self.ready,

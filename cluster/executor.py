@@ -102,8 +102,27 @@ class ClusterExecutor:
         return out
 
     def workers(self) -> list[dict[str, Any]]:
-        return [info | {"state": "failed" if (info["role"], info["index"]) in self._failed else "ready"}
-                for info in self.cluster.worker_info]
+        loads = self._expert_loads()
+        out = []
+        for info in self.cluster.worker_info:
+            key = (info["role"], info["index"])
+            extra: dict[str, Any] = {"state": "failed" if key in self._failed else "ready"}
+            if info["role"] == "expert":
+                extra["load"] = loads.get(info["index"])
+            out.append(info | extra)
+        return out
+
+    def _expert_loads(self, timeout_s: float = 1.0) -> dict[int, float]:
+        """Each live expert worker's tokens served per second; a worker that does not answer is left out."""
+        refs = {i: actor.load.remote() for i, actor in enumerate(self.cluster.experts)
+                if ("expert", i) not in self._failed}
+        loads = {}
+        for i, ref in refs.items():
+            try:
+                loads[i] = float(ray.get(ref, timeout=timeout_s))
+            except Exception:  # dead or wedged: status still answers, lost_workers() judges it
+                continue
+        return loads
 
     def placement(self) -> dict[str, Any]:
         return self.cluster.placement.to_dict()

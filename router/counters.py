@@ -35,25 +35,32 @@ class ServerCounters:
         self._lock = threading.Lock()
         self._layers: dict[int, _ServerLayer] = {}
         self._tokens_per_expert: dict[int, torch.Tensor] = {}
+        self._one = torch.ones(1, dtype=torch.int64)
         self.errors = 0
 
     def record(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int, bytes_sent: int) -> None:
-        per_expert = torch.bincount(pair_expert.to(torch.int64), minlength=self.num_experts)
+        """Count one dispatch; `pair_expert` must hold ids in 0..num_experts-1 (the server checks them)."""
         with self._lock:
-            counts = self._layers.setdefault(layer, _ServerLayer())
+            counts = self._layers.get(layer)
+            if counts is None:
+                counts = self._layers[layer] = _ServerLayer()
+                self._tokens_per_expert[layer] = torch.zeros(self.num_experts, dtype=torch.int64)
             counts.dispatches += 1
             counts.tokens += tokens
             counts.pairs += pair_expert.numel()
             counts.bytes_received += bytes_received
             counts.bytes_sent += bytes_sent
-            if layer in self._tokens_per_expert:
-                self._tokens_per_expert[layer] += per_expert
-            else:
-                self._tokens_per_expert[layer] = per_expert
+            # One op: add 1 per pair at its expert (a stride-0 view of ones, no allocation per pair).
+            self._tokens_per_expert[layer].index_add_(0, pair_expert, self._one.expand(pair_expert.numel()))
 
     def record_error(self) -> None:
         with self._lock:
             self.errors += 1
+
+    def total_tokens(self) -> int:
+        """Token rows received over every layer since start."""
+        with self._lock:
+            return sum(c.tokens for c in self._layers.values())
 
     def tokens_per_expert(self, layer: int) -> torch.Tensor:
         """Copy of the [num_experts] int64 pair counts of one layer (zeros if never dispatched)."""

@@ -8,6 +8,7 @@ grouped by expert, weighting, and summing per token before replying.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any
 
 import torch
@@ -31,6 +32,7 @@ class ExpertWorker:
         self.shard = ExpertShard.from_tensors(self.config, expert_ids, tensors).to(device)
         self.bytes_read = checkpoint.bytes_read
         host = bind_host or node_identity()["node_ip"]  # on a cluster: this node's address
+        self._load_mark = (time.monotonic(), 0)
         self.server = ExpertServer(self.shard.compute, self.config.n_routed_experts, bind_host=host).start()
 
     def ready(self) -> dict[str, Any]:
@@ -38,6 +40,18 @@ class ExpertWorker:
         return {"role": "expert", "index": self.worker_index, "endpoint": self.server.endpoint,
                 "experts": self.shard.expert_ids, "pid": os.getpid(), "bytes_read": self.bytes_read,
                 **node_identity()}
+
+    def load(self) -> float:
+        """Token rows served per second (all MoE layers) since the previous call at least 1 s ago.
+
+        The first call measures from the worker's start; ``GetClusterStatus`` reports it.
+        """
+        now, total = time.monotonic(), self.server.counters.total_tokens()
+        since, before = self._load_mark
+        rate = (total - before) / max(now - since, 1e-6)
+        if now - since >= 1.0:
+            self._load_mark = (now, total)
+        return rate
 
     def endpoint(self) -> str:
         return self.server.endpoint

@@ -55,6 +55,9 @@ def test_cluster_engine_matches_local_engine_and_reports_status(local_ray, tiny_
     roles = sorted(w["role"] for w in status["workers"])
     assert roles == ["attention", "attention", "expert", "expert"]
     assert all(k["free_blocks"] == k["num_blocks"] for k in status["kv"])
+    # load: running requests of an attention worker (none left), token rows/s an expert worker served
+    assert [w["load"] for w in status["workers"] if w["role"] == "attention"] == [0, 0]
+    assert all(w["load"] > 0 for w in status["workers"] if w["role"] == "expert")
 
 
 def test_a_dead_expert_worker_ends_requests_with_an_error_not_a_hang(local_ray, tiny_checkpoint):
