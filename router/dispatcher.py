@@ -2,8 +2,10 @@
 
 For one MoE layer it groups the (token, k) pairs by the expert worker that will compute them,
 sends each worker the distinct tokens it needs plus its pairs, and returns at once so the caller
-can compute the shared expert meanwhile; `PendingDispatch.result()` then gathers one hidden vector
-per token per worker and sums them back into token order. Used from a single thread.
+can compute the shared expert meanwhile; `PendingDispatch.result()` then sums the workers' replies
+back into token order. A worker that needs every token gets x as it is, and a single reply that
+covers every token is the result as received, so the common decode case adds no copies.
+Used from a single thread.
 """
 
 from __future__ import annotations
@@ -28,16 +30,19 @@ class PendingDispatch:
     """Replies still to come for one `Dispatcher.submit`; `result()` waits for them."""
 
     def __init__(
-        self, dispatcher: Dispatcher, req: int, layer: int, out: torch.Tensor, dtype: torch.dtype, device: torch.device
+        self, dispatcher: Dispatcher, req: int, layer: int, shape: torch.Size, dtype: torch.dtype,
+        device: torch.device,
     ) -> None:
         self._dispatcher = dispatcher
         self.req = req
         self.layer = layer
-        self._out = out  # float32 accumulator [T, H]
+        self._shape = shape  # [T, H] of x
         self._dtype = dtype
         self._device = device
-        self._rows: dict[int, torch.Tensor] = {}  # worker -> rows of the token batch it was sent
+        # worker -> rows of the token batch it was sent; None: every token, in order
+        self._rows: dict[int, torch.Tensor | None] = {}
         self._sent_s: dict[int, float] = {}
+        self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (rows, y) per worker
         self._deadline_s = time.monotonic() + dispatcher.timeout_s
         self._error: Exception | None = None
         self._value: torch.Tensor | None = None
@@ -45,15 +50,16 @@ class PendingDispatch:
     def result(self) -> torch.Tensor:
         """The routed-expert output [T, H] in the dtype of `x`.
 
-        Raises DispatchTimeout if a worker has not answered by `timeout_s` after submit, and
-        RemoteExpertError if a worker answered with an error.
+        When one worker computed every token, this is its reply as received: a tensor over the
+        read-only frame, for out-of-place use. Raises DispatchTimeout if a worker has not answered
+        by `timeout_s` after submit, and RemoteExpertError if a worker answered with an error.
         """
         if self._value is None and self._error is None:
             self._dispatcher._collect(self)
+            if self._error is None:
+                self._value = self._sum_replies().to(self._device)
         if self._error is not None:
             raise self._error
-        if self._value is None:
-            self._value = self._out.to(device=self._device, dtype=self._dtype)
         return self._value
 
     @property
@@ -67,16 +73,31 @@ class PendingDispatch:
             endpoint = self._dispatcher.endpoints[worker]
             self._fail(RemoteExpertError(f"expert worker {worker} at {endpoint}, layer {self.layer}: {msg.reason}"))
             return
-        if not isinstance(msg, wire.Result) or tuple(msg.y.shape) != (rows.numel(), self._out.shape[1]):
-            shape = list(msg.y.shape) if isinstance(msg, wire.Result) else None
+        expected = [self._shape[0] if rows is None else rows.numel(), self._shape[1]]
+        if not isinstance(msg, wire.Result) or list(msg.y.shape) != expected or msg.y.dtype != self._dtype:
+            got = f"{msg.y.dtype} result of shape {list(msg.y.shape)}" if isinstance(msg, wire.Result) else "an error"
             self._fail(
                 WireError(
-                    f"expert worker {worker} replied {type(msg).__name__} of shape {shape} to layer "
-                    f"{self.layer}, expected a result of shape {[rows.numel(), self._out.shape[1]]}"
+                    f"expert worker {worker} replied {type(msg).__name__} ({got}) to layer {self.layer}, "
+                    f"expected a {self._dtype} result of shape {expected}"
                 )
             )
             return
-        self._out.index_add_(0, rows, msg.y.float())
+        self._replies.append((rows, msg.y))
+
+    def _sum_replies(self) -> torch.Tensor:
+        """Per token, the sum of the workers' replies, accumulated in float32 and rounded once."""
+        full = [y for rows, y in self._replies if rows is None]
+        if len(full) == len(self._replies) and len(full) in (1, 2):
+            # One reply is the answer; two are one add, which rounds their exact sum once as well.
+            return full[0] if len(full) == 1 else torch.add(*full)
+        out = full[0].to(torch.float32, copy=True) if full else torch.zeros(self._shape, dtype=torch.float32)
+        for y in full[1:]:
+            out.add_(y)
+        for rows, y in self._replies:
+            if rows is not None:
+                out.index_add_(0, rows, y.float())
+        return out.to(self._dtype)
 
     def _fail(self, error: Exception) -> None:
         self._error = error
@@ -130,39 +151,38 @@ class Dispatcher:
         if x.dtype not in wire.HIDDEN_DTYPES.values():
             raise ValueError(f"x dtype {x.dtype} is not one of {sorted(wire.HIDDEN_DTYPES)}")
         num_tokens, k = topk_ids.shape
-        pending = PendingDispatch(
-            self, next(self._req_ids), layer, torch.zeros(x.shape, dtype=torch.float32), x.dtype, x.device
-        )
-        if num_tokens == 0:
+        pending = PendingDispatch(self, next(self._req_ids), layer, x.shape, x.dtype, x.device)
+        if num_tokens == 0 or k == 0:
+            return pending
+
+        worker_of_pair = self.placement.choose(topk_ids).reshape(-1)
+        expert = topk_ids.reshape(-1).to(device="cpu", dtype=torch.int32)
+        weight = topk_weights.reshape(-1).to(device="cpu", dtype=torch.float32)
+        x_cpu = x.cpu()
+        pair_counts = torch.bincount(worker_of_pair, minlength=self.placement.num_workers).tolist()
+        self._pending[pending.req] = pending
+        if max(pair_counts) == expert.numel():  # one worker computes every pair: send as is
+            token = torch.arange(num_tokens, dtype=torch.int32).repeat_interleave(k)
+            self._send(pending, pair_counts.index(expert.numel()), None,
+                       wire.Dispatch(pending.req, layer, x_cpu, token, expert, weight))
             return pending
 
         # Sort the flattened (token, k) pairs by worker; a stable sort keeps tokens ascending
         # inside each worker's segment, so unique_consecutive finds its distinct tokens.
-        worker_of_pair = self.placement.choose(topk_ids).reshape(-1)
         order = torch.argsort(worker_of_pair, stable=True)
-        pair_counts = torch.bincount(worker_of_pair, minlength=self.placement.num_workers).tolist()
         token_sorted = order // k
-        expert_sorted = topk_ids.reshape(-1).cpu()[order].to(torch.int32)
-        weight_sorted = topk_weights.reshape(-1).cpu()[order].to(torch.float32)
-
-        self._pending[pending.req] = pending
+        expert_sorted = expert.index_select(0, order)
+        weight_sorted = weight.index_select(0, order)
         start = 0
         for worker, count in enumerate(pair_counts):
             if count == 0:
                 continue
             end = start + count
             rows, pair_token = torch.unique_consecutive(token_sorted[start:end], return_inverse=True)
-            # rows is sorted and distinct, so covering every token means it is arange(T): send x as is.
-            x_worker = x if rows.numel() == num_tokens else x[rows.to(x.device)]
-            msg = wire.Dispatch(
-                pending.req,
-                layer,
-                x_worker.cpu(),
-                pair_token.to(torch.int32),
-                expert_sorted[start:end],
-                weight_sorted[start:end],
-            )
-            self._send(pending, worker, rows, msg)
+            every_token = rows.numel() == num_tokens  # rows is sorted and distinct, so it is arange(T)
+            msg = wire.Dispatch(pending.req, layer, x_cpu if every_token else x_cpu.index_select(0, rows),
+                                pair_token.to(torch.int32), expert_sorted[start:end], weight_sorted[start:end])
+            self._send(pending, worker, None if every_token else rows, msg)
             start = end
         return pending
 
@@ -181,7 +201,7 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor, msg: wire.Dispatch) -> None:
+    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, msg: wire.Dispatch) -> None:
         frames = wire.encode(msg)
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
@@ -195,7 +215,7 @@ class Dispatcher:
             ) from None
         pending._rows[worker] = rows
         pending._sent_s[worker] = time.perf_counter()
-        self.counters.record_send(msg.layer, worker, rows.numel(), msg.pair_expert.numel(), wire.nbytes(frames))
+        self.counters.record_send(msg.layer, worker, msg.x.shape[0], msg.pair_expert.numel(), wire.nbytes(frames))
 
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""

@@ -128,8 +128,9 @@ class ExpertServer:
         self._socket.send_multipart([identity, *out], copy=False)
 
     def _serve_dispatch(self, msg: wire.Dispatch) -> wire.Result:
+        # The one check of the expert ids: compute (and the counters) may index with them.
         if msg.pair_expert.numel():
-            lo, hi = int(msg.pair_expert.min()), int(msg.pair_expert.max())
+            lo, hi = (int(v) for v in torch.aminmax(msg.pair_expert))
             if lo < 0 or hi >= self.num_experts:
                 raise ValueError(f"expert ids {lo}..{hi} outside 0..{self.num_experts - 1}")
         y = self._compute(msg.layer, msg.x, msg.pair_token, msg.pair_expert, msg.pair_weight)

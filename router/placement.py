@@ -86,10 +86,14 @@ class PlacementTable:
         ids = topk_ids.to(device="cpu", dtype=torch.int64)
         if ids.dim() != 2:
             raise PlacementError(f"topk_ids must be [T, K], got shape {list(ids.shape)}")
-        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.num_experts):
-            raise PlacementError(f"topk_ids outside 0..{self.num_experts - 1}")
+        try:  # index_select bounds-checks the ids, negative ones included
+            if self._table.shape[1] == 1:  # one replica each: a plain lookup
+                return self._table.view(-1).index_select(0, ids.reshape(-1)).view(ids.shape)
+            counts = self._counts.index_select(0, ids.reshape(-1)).view(ids.shape)
+        except IndexError:
+            raise PlacementError(f"topk_ids outside 0..{self.num_experts - 1}") from None
         token = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
-        return self._table[ids, token % self._counts[ids]]
+        return self._table[ids, token % counts]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -72,7 +72,7 @@ def encode(msg: Message) -> list[Frame]:
         tensors = [
             msg.x,
             *(
-                t.to(dtype)
+                t if t.dtype == dtype else t.to(dtype)
                 for t, dtype in zip((msg.pair_token, msg.pair_expert, msg.pair_weight), _PAIR_DTYPES, strict=True)
             ),
         ]
@@ -137,8 +137,10 @@ def decode(frames: Sequence[Any]) -> Message:
         _tensor(f, s, d, n, req, layer) for f, s, d, n in zip(frames[2:], shapes[1:], _PAIR_DTYPES, names, strict=True)
     ]
     pair_token = pairs[0]
-    if pair_token.numel() and (int(pair_token.min()) < 0 or int(pair_token.max()) >= x.shape[0]):
-        raise WireError(f"dispatch pair_token outside the {x.shape[0]} rows of x", req, layer)
+    if pair_token.numel():
+        lo, hi = torch.aminmax(pair_token)
+        if int(lo) < 0 or int(hi) >= x.shape[0]:
+            raise WireError(f"dispatch pair_token outside the {x.shape[0]} rows of x", req, layer)
     return Dispatch(req, layer, x, *pairs)
 
 
@@ -153,7 +155,9 @@ def _header(kind: str, req: int, layer: int, shapes: list[list[int]]) -> dict[st
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
     # A uint8 view of the contiguous storage works for every dtype, bfloat16 included (numpy has no bf16).
-    return memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    if t.device.type != "cpu" or not t.is_contiguous():
+        t = t.cpu().contiguous()
+    return memoryview(t.detach().view(torch.uint8).numpy().reshape(-1))
 
 
 def _tensor(frame: Any, shape: list[int], dtype: torch.dtype, name: str, req: int, layer: int) -> torch.Tensor:
