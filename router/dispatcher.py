@@ -86,17 +86,26 @@ class PendingDispatch:
         self._replies.append((rows, msg.y))
 
     def _sum_replies(self) -> torch.Tensor:
-        """Per token, the sum of the workers' replies, accumulated in float32 and rounded once."""
-        full = [y for rows, y in self._replies if rows is None]
-        if len(full) == len(self._replies) and len(full) in (1, 2):
-            # One reply is the answer; two are one add, which rounds their exact sum once as well.
-            return full[0] if len(full) == 1 else torch.add(*full)
-        out = full[0].to(torch.float32, copy=True) if full else torch.zeros(self._shape, dtype=torch.float32)
-        for y in full[1:]:
-            out.add_(y)
-        for rows, y in self._replies:
-            if rows is not None:
-                out.index_add_(0, rows, y.float())
+        """Per token, the sum of the workers' replies, rounded once to the dtype of x.
+
+        With one or two replies each element takes at most one add, which x's dtype rounds just
+        as a float32 sum would; three or more replies are summed in float32 and rounded at the end.
+        """
+        replies = sorted(self._replies, key=lambda reply: reply[0] is not None)  # whole-batch replies first
+        if len(replies) == 1 and replies[0][0] is None:
+            return replies[0][1]  # one worker computed every token: nothing to add
+        if len(replies) == 2 and replies[1][0] is None:
+            return torch.add(replies[0][1], replies[1][1])
+        dtype = self._dtype if len(replies) <= 2 else torch.float32
+        if replies and replies[0][0] is None:
+            out, replies = replies[0][1].to(dtype, copy=True), replies[1:]
+        else:
+            out = torch.zeros(self._shape, dtype=dtype)
+        for rows, y in replies:
+            if rows is None:
+                out.add_(y)
+            else:
+                out.index_add_(0, rows, y.to(dtype))
         return out.to(self._dtype)
 
     def _fail(self, error: Exception) -> None:
@@ -227,26 +236,26 @@ class Dispatcher:
                 late = ", ".join(f"worker {w} at {self.endpoints[w]}" for w in pending.waiting_for)
                 pending._fail(DispatchTimeout(f"layer {pending.layer}: no reply within {self.timeout_s} s from {late}"))
                 return
+            # One message per readable socket, then poll again: cheaper than reading until zmq.Again.
             for sock, _ in self._poller.poll(remaining_s * 1000):
-                self._drain(sock)
+                self._receive(sock)
         self._pending.pop(pending.req, None)
 
-    def _drain(self, sock: zmq.Socket) -> None:
+    def _receive(self, sock: zmq.Socket) -> None:
         worker = self._worker_of[sock]
-        while True:
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                return
-            received_s = time.perf_counter()
-            msg = wire.decode(frames)
-            owner = self._pending.get(msg.req)
-            if owner is None or worker not in owner._rows:
-                self.counters.record_stale_reply()  # e.g. the reply to a dispatch that timed out
-                continue
-            self.counters.record_reply(msg.layer, worker, wire.nbytes(frames), received_s - owner._sent_s[worker])
-            owner._accept(worker, msg)
-            if isinstance(msg, wire.ErrorReply):
-                self.counters.record_remote_error()
-            if owner._error is not None:
-                self._pending.pop(owner.req, None)
+        try:
+            frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            return
+        received_s = time.perf_counter()
+        msg = wire.decode(frames)
+        owner = self._pending.get(msg.req)
+        if owner is None or worker not in owner._rows:
+            self.counters.record_stale_reply()  # e.g. the reply to a dispatch that timed out
+            return
+        self.counters.record_reply(msg.layer, worker, wire.nbytes(frames), received_s - owner._sent_s[worker])
+        owner._accept(worker, msg)
+        if isinstance(msg, wire.ErrorReply):
+            self.counters.record_remote_error()
+        if owner._error is not None:
+            self._pending.pop(owner.req, None)

@@ -101,12 +101,9 @@ class ExpertServer:
                 ready = dict(poller.poll())
                 if self._wake_recv in ready:
                     return
-                while True:
-                    try:
-                        frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                    except zmq.Again:
-                        break
-                    self._handle(frames[0], frames[1:])
+                # One message per poll: cheaper than reading until zmq.Again.
+                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
+                self._handle(frames[0], frames[1:])
         finally:
             self._socket.close()
             self._wake_recv.close()

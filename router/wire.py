@@ -154,10 +154,12 @@ def _header(kind: str, req: int, layer: int, shapes: list[list[int]]) -> dict[st
 
 
 def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    # A uint8 view of the contiguous storage works for every dtype, bfloat16 included (numpy has no bf16).
-    if t.device.type != "cpu" or not t.is_contiguous():
+    """A flat byte view of the tensor's memory (a copy only if it is not contiguous on the CPU)."""
+    if not t.is_cpu or not t.is_contiguous():
         t = t.cpu().contiguous()
-    return memoryview(t.detach().view(torch.uint8).numpy().reshape(-1))
+    if t.dtype == torch.bfloat16:  # numpy has no bfloat16; the same bytes as int16 will do
+        t = t.view(torch.int16)
+    return memoryview(t.detach().numpy()).cast("B") if t.numel() else memoryview(b"")
 
 
 def _tensor(frame: Any, shape: list[int], dtype: torch.dtype, name: str, req: int, layer: int) -> torch.Tensor:
@@ -172,7 +174,8 @@ def _tensor(frame: Any, shape: list[int], dtype: torch.dtype, name: str, req: in
         )
     if numel == 0:  # torch.frombuffer refuses empty buffers
         return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(buf, dtype=dtype).view(shape)
+    flat = torch.frombuffer(buf, dtype=dtype)
+    return flat if len(shape) == 1 else flat.view(shape)
 
 
 def _check_ranks(kind: str, shapes: list[list[int]], ranks: list[int], req: int, layer: int) -> None:

@@ -329,3 +329,29 @@ def test_dispatcher_validation_and_close(start_servers) -> None:
     dispatcher.close()
     with pytest.raises(RuntimeError, match="closed"):
         dispatcher.submit(1, x, ids, w)
+
+
+def scaled_rows(
+    layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor
+) -> torch.Tensor:
+    """A compute whose reply per worker is easy to rebuild: x[t] times the sum of t's pair weights there."""
+    scale = torch.zeros(x.shape[0], dtype=torch.float32).index_add_(0, pair_token.long(), pair_weight)
+    return x * scale.to(x.dtype).unsqueeze(1)
+
+
+@pytest.mark.parametrize("num_workers", [2, 4])
+def test_half_precision_replies_are_summed_in_float32_and_rounded_once(num_workers, start_servers,
+                                                                        make_dispatcher) -> None:
+    placement = PlacementTable.even(NUM_EXPERTS, num_workers)
+    dispatcher = make_dispatcher(placement, endpoints_of(start_servers(placement, compute=scaled_rows)))
+    x, ids, w = random_routing(40, 2, seed=9)  # top-2 of 8: some tokens skip a worker, some do not
+    x = x.to(torch.bfloat16)
+    worker = placement.choose(ids)
+    want = torch.zeros(x.shape, dtype=torch.float32)
+    for index in range(num_workers):  # each worker's reply, as it computes it, summed in float32
+        scale = torch.where(worker == index, w, 0).sum(dim=1)
+        want += x * scale.to(torch.bfloat16).unsqueeze(1)
+    got = dispatcher.submit(1, x, ids, w).result()
+    # Two workers add in bfloat16, four in float32; with top-2 no token has more than two
+    # non-zero terms, so either way the result is the float32 sum rounded once, bit for bit.
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
