@@ -142,8 +142,14 @@ def test_malformed_frames_get_an_error_reply_and_the_worker_keeps_serving(start_
 
 
 def _port_is_free(endpoint: str) -> bool:
+    """No socket listens on the endpoint's port any more.
+
+    SO_REUSEADDR lets the probe bind past connections in TIME_WAIT (a killed worker's kernel keeps
+    them for a minute; they are not a leak) while a socket still listening makes the bind fail.
+    """
     host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, int(port)))
             return True
