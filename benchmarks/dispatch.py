@@ -533,16 +533,23 @@ def write_docs(section: str) -> None:
 STATIC_READING = """\
 Where the time goes (structural, independent of this run's figures):
 
-* Both columns pay the same loopback TCP transfer and the same ZMQ framing; on 2 cores the client and
-  the servers also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
-* The dispatcher adds, in `submit()`: `PlacementTable.choose`, an argsort/bincount of the pairs,
-  per worker a `unique_consecutive`, the gather `x[rows]` when a worker needs only some tokens, and
-  msgpack encoding; in `result()`: decoding, a float32 `index_add_` per reply into a `[T, H]`
-  accumulator and the final cast back to bfloat16. The expert server adds decoding (with a range
-  check of the pair ids), the stand-in compute, the `ServerCounters.record` bincount and encoding.
-  Each is a small torch call costing tens of microseconds, so the fixed part dominates at a few
-  tokens; at 64 tokens and more the float32 accumulate (`zeros`, `y.float()`, `index_add_`, cast)
-  grows with the payload. Workers are served one after another inside `submit()`.
+* Both columns pay the same loopback TCP transfer and the same ZMQ framing (the same frames, sent
+  zero-copy above pyzmq's 64 KiB copy threshold in both); on 2 cores the client and the servers
+  also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
+* The dispatcher adds, in `submit()`: `PlacementTable.choose` (one bounds-checked lookup) and a
+  bincount of the pairs per worker. When one worker gets every pair, x and the pairs go as they
+  are; otherwise an argsort of the pairs by worker, per worker a `unique_consecutive`, and an
+  `index_select` of x's rows for a worker that needs only some tokens. Then msgpack encoding and
+  one send per worker, one after another. In `result()`: decoding each reply, then a single reply
+  covering every token is returned as received (no copy), two replies are one add in bfloat16
+  (rounded once, as a float32 sum would be), and three or more, as with 4 workers where most
+  workers see only some tokens, are summed in float32: a cast per reply, an `index_add_` per
+  partial reply and a cast back, the largest client cost left at 4 workers. The expert server
+  adds decoding (one `aminmax` check of the pair rows), one `aminmax` check of the expert ids, the
+  stand-in compute (a bfloat16 multiply of x), a one-op `ServerCounters.record` and encoding.
+* Each of these is a torch or pyzmq call of a few to tens of microseconds; while the servers and
+  other work compete for the 2 cores they run 2-4x slower than in isolation, so the fixed part
+  dominates at a few tokens and the 4-worker cells stay furthest from the raw echo.
 * Decode: a cluster step is a Ray actor call (about 1 ms) plus, per MoE layer (3 here), a dispatch
   to both expert workers; 3 single-threaded worker processes, the driver and Ray's daemons share
   2 cores. The single process's 2 torch threads are fragile on 2 cores: when any other process is
