@@ -125,9 +125,9 @@ class ExpertShard:
             gate, up = F.linear(xs[start:end], gate_up[e_local].to(x.dtype)).chunk(2, dim=-1)
             torch.mm(F.silu(gate) * up, down[e_local].to(x.dtype).t(), out=ys[start:end])
             start = end
-        # Weigh and sum in float32 as the reference does (fp32 routing weights promote the product).
-        weighted = ys.mul_(pair_weight.index_select(0, order).unsqueeze(1)) if x.dtype == torch.float32 \
-            else ys * pair_weight.index_select(0, order).unsqueeze(1)
+        # Weigh and sum in float32, as the reference does (its fp32 routing weights promote the product).
+        weight = pair_weight.index_select(0, order).float().unsqueeze(1)
+        weighted = ys.mul_(weight) if ys.dtype == torch.float32 else ys * weight
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, weighted)
         return out.to(x.dtype)
 
