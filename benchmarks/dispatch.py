@@ -543,8 +543,8 @@ Where the time goes (structural, independent of this run's figures):
   one send per worker, one after another. In `result()`: decoding each reply, then a single reply
   covering every token is returned as received (no copy), two replies are one add in bfloat16
   (rounded once, as a float32 sum would be), and three or more, as with 4 workers where most
-  workers see only some tokens, are summed in float32: a cast per reply, an `index_add_` per
-  partial reply and a cast back, the largest client cost left at 4 workers. The expert server
+  workers see only some tokens, are summed in float32 as they arrive: a cast and an `index_add_`
+  per partial reply and a cast back, the largest client cost left at 4 workers. The expert server
   adds decoding (one `aminmax` check of the pair rows), one `aminmax` check of the expert ids, the
   stand-in compute (a bfloat16 multiply of x), a one-op `ServerCounters.record` and encoding.
 * Each of these is a torch or pyzmq call of a few to tens of microseconds; while the servers and

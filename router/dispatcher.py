@@ -42,7 +42,8 @@ class PendingDispatch:
         # worker -> rows of the token batch it was sent; None: every token, in order
         self._rows: dict[int, torch.Tensor | None] = {}
         self._sent_s: dict[int, float] = {}
-        self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (rows, y) per worker
+        self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (rows, y) of up to two workers
+        self._float32_sum: torch.Tensor | None = None  # with three or more workers, summed as replies come
         self._deadline_s = time.monotonic() + dispatcher.timeout_s
         self._error: Exception | None = None
         self._value: torch.Tensor | None = None
@@ -83,30 +84,37 @@ class PendingDispatch:
                 )
             )
             return
-        self._replies.append((rows, msg.y))
+        if self._float32_sum is None:
+            if len(self._replies) + 1 + len(self._rows) <= 2:  # this reply, those before it, those to come
+                self._replies.append((rows, msg.y))
+                return
+            # Three or more replies: add each in float32 as it comes, while slower workers still compute.
+            self._float32_sum = torch.zeros(self._shape, dtype=torch.float32)
+        if rows is None:
+            self._float32_sum.add_(msg.y)
+        else:
+            self._float32_sum.index_add_(0, rows, msg.y.float())
 
     def _sum_replies(self) -> torch.Tensor:
         """Per token, the sum of the workers' replies, rounded once to the dtype of x.
 
         With one or two replies each element takes at most one add, which x's dtype rounds just
-        as a float32 sum would; three or more replies are summed in float32 and rounded at the end.
+        as a float32 sum would; three or more replies were summed in float32 as they came.
         """
+        if self._float32_sum is not None:
+            return self._float32_sum.to(self._dtype)
         replies = sorted(self._replies, key=lambda reply: reply[0] is not None)  # whole-batch replies first
         if len(replies) == 1 and replies[0][0] is None:
             return replies[0][1]  # one worker computed every token: nothing to add
         if len(replies) == 2 and replies[1][0] is None:
             return torch.add(replies[0][1], replies[1][1])
-        dtype = self._dtype if len(replies) <= 2 else torch.float32
         if replies and replies[0][0] is None:
-            out, replies = replies[0][1].to(dtype, copy=True), replies[1:]
+            out, replies = replies[0][1].clone(), replies[1:]
         else:
-            out = torch.zeros(self._shape, dtype=dtype)
+            out = torch.zeros(self._shape, dtype=self._dtype)
         for rows, y in replies:
-            if rows is None:
-                out.add_(y)
-            else:
-                out.index_add_(0, rows, y.to(dtype))
-        return out.to(self._dtype)
+            out.index_add_(0, rows, y)
+        return out
 
     def _fail(self, error: Exception) -> None:
         self._error = error
