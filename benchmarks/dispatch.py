@@ -549,7 +549,8 @@ Where the time goes (structural, independent of this run's figures):
   stand-in compute (a bfloat16 multiply of x), a one-op `ServerCounters.record` and encoding.
 * Each of these is a torch or pyzmq call of a few to tens of microseconds; while the servers and
   other work compete for the 2 cores they run 2-4x slower than in isolation, so the fixed part
-  dominates at a few tokens and the 4-worker cells stay furthest from the raw echo.
+  dominates at a few tokens, and the load on the machine moves the ratio from run to run by
+  several tenths (check the load average line).
 * Decode: a cluster step is a Ray actor call (about 1 ms) plus, per MoE layer (3 here), a dispatch
   to both expert workers; 3 single-threaded worker processes, the driver and Ray's daemons share
   2 cores. The single process's 2 torch threads are fragile on 2 cores: when any other process is
