@@ -33,7 +33,17 @@ class ExpertWorker:
         self.bytes_read = checkpoint.bytes_read
         host = bind_host or node_identity()["node_ip"]  # on a cluster: this node's address
         self._load_mark = (time.monotonic(), 0)
-        self.server = ExpertServer(self.shard.compute, self.config.n_routed_experts, bind_host=host).start()
+        self.device = torch.device(device)
+        self.server = ExpertServer(self._compute, self.config.n_routed_experts, bind_host=host).start()
+
+    def _compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
+                 pair_weight: torch.Tensor) -> torch.Tensor:
+        """The server's compute: frames arrive and leave in host memory, the experts may sit on a GPU."""
+        if self.device.type == "cpu":
+            return self.shard.compute(layer, x, pair_token, pair_expert, pair_weight)
+        dev = self.device
+        return self.shard.compute(layer, x.to(dev), pair_token.to(dev), pair_expert.to(dev),
+                                  pair_weight.to(dev)).cpu()
 
     def ready(self) -> dict[str, Any]:
         """Identity of this worker once loaded: role, index, node, pid, endpoint, experts."""
