@@ -567,6 +567,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process (local engine, transformers)")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each cluster worker")
+    parser.add_argument("--micro-batches", type=int, default=1,
+                        help="micro-batches per cluster step taking turns while the experts compute")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="16 requests, concurrency 1 and 8, short outputs")
@@ -618,7 +620,8 @@ def main(argv: list[str] | None = None) -> None:
         config = EngineConfig(checkpoint=checkpoint, address="local", num_attention_workers=1, num_expert_workers=2,
                               num_kv_blocks=args.num_kv_blocks, block_size_tokens=16,
                               max_num_batched_tokens=args.max_num_batched_tokens,
-                              max_num_seqs=max(256, max(concurrencies)), threads_per_worker=args.threads_per_worker)
+                              max_num_seqs=max(256, max(concurrencies)), threads_per_worker=args.threads_per_worker,
+                              micro_batches=args.micro_batches)
         print(f"{len(requests)} requests, {sum(r.output_len for r in requests)} output tokens, "
               f"{sum(len(r.prompt_ids) for r in requests)} prompt tokens; {machine_line(args)}", flush=True)
         engines: list[EngineUnderTest] = []

@@ -62,6 +62,7 @@ class EngineConfig:
     dispatch_timeout_s: float = 30.0
     start_timeout_s: float = 180.0
     threads_per_worker: int = 1
+    micro_batches: int = 1
     num_gpus_per_worker: float = 0.0
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256

@@ -45,6 +45,7 @@ class ClusterConfig:
     dispatch_timeout_s: float = 30.0
     start_timeout_s: float = 180.0
     threads_per_worker: int = 1
+    micro_batches: int = 1  # > 1: per attention-worker step, taking turns while the experts compute
     num_gpus_per_worker: float = 0.0
     bind_host: str | None = None  # None: 127.0.0.1 for the embedded default, the node's IP otherwise
 
@@ -59,6 +60,7 @@ class ClusterConfig:
             "dispatch_timeout_s": self.dispatch_timeout_s > 0,
             "start_timeout_s": self.start_timeout_s > 0,
             "threads_per_worker": self.threads_per_worker >= 1,
+            "micro_batches": self.micro_batches >= 1,
             "num_gpus_per_worker": self.num_gpus_per_worker >= 0,
         }
         for name, ok in checks.items():
@@ -118,7 +120,8 @@ class Cluster:
         attention_cls = ray.remote(AttentionWorker)
         for i in range(cfg.num_attention_workers):
             self.attention.append(attention_cls.options(**options("attention", i)).remote(
-                checkpoint, i, cfg.num_kv_blocks, cfg.block_size_tokens, cfg.dtype, cfg.threads_per_worker, device))
+                checkpoint, i, cfg.num_kv_blocks, cfg.block_size_tokens, cfg.dtype, cfg.threads_per_worker, device,
+                cfg.micro_batches))
         expert_info = self._wait([a.ready.remote() for a in self.experts], "expert")
         attention_info = self._wait([a.ready.remote() for a in self.attention], "attention")
         self.worker_info = expert_info + attention_info

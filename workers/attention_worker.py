@@ -27,7 +27,7 @@ from workers.placement_info import node_identity
 
 class AttentionWorker:
     def __init__(self, checkpoint_dir: str, worker_index: int, num_kv_blocks: int, block_size_tokens: int,
-                 dtype: str = "float32", num_threads: int = 1, device: str = "cpu") -> None:
+                 dtype: str = "float32", num_threads: int = 1, device: str = "cpu", micro_batches: int = 1) -> None:
         tune_malloc()
         torch.set_num_threads(num_threads)
         self.worker_index = worker_index
@@ -39,7 +39,7 @@ class AttentionWorker:
         self.model = Glm4MoeForCausalLM.from_tensors(self.config, tensors, self.device)
         self.kv = PagedKVCache(self.config, num_kv_blocks, block_size_tokens, dtype=getattr(torch, dtype),
                                device=self.device)
-        self.runner = ModelRunner(self.model, self.kv)
+        self.runner = ModelRunner(self.model, self.kv, micro_batches)
         self.dispatcher: Dispatcher | None = None
 
     def ready(self) -> dict[str, Any]:

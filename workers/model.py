@@ -13,7 +13,7 @@ and decode mixed) returning the normed hidden states and the logits of the rows 
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 
 import torch
@@ -49,6 +49,17 @@ class DecoderLayer(nn.Module):
                 kv: PagedKVCache) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), batch, rope, *kv.layer(self.layer_index))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+    def stages(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
+               kv: PagedKVCache) -> Generator[None, None, torch.Tensor]:
+        """The same computation as ``forward``, pausing once while the routed experts are away."""
+        x = x + self.self_attn(self.input_layernorm(x), batch, rope, *kv.layer(self.layer_index))
+        normed = self.post_attention_layernorm(x)
+        if not isinstance(self.mlp, MoE):
+            return x + self.mlp(normed)
+        pending, shared = self.mlp.start(normed)
+        yield  # another micro-batch runs its attention while these tokens' experts compute
+        return x + MoE.finish(normed, pending, shared)
 
 
 class SharedHead(nn.Module):
@@ -146,6 +157,35 @@ class Glm4MoeForCausalLM(nn.Module):
         rope = self.rotary.cos_sin(batch.positions, x.dtype)
         for layer in self.model.layers[: self.config.num_hidden_layers]:
             x = layer(x, batch, rope, kv)
+        hidden = self.model.norm(x)
+        return ForwardOutput(hidden, self.lm_head(hidden[batch.logits_indices]))
+
+    @torch.inference_mode()
+    def forward_overlapped(self, batches: list[ForwardBatch], kv: PagedKVCache) -> list[ForwardOutput]:
+        """``forward`` of several micro-batches, interleaved layer by layer (ping-pong).
+
+        Each micro-batch runs until its MoE layer has sent its tokens to the expert backend, then
+        the next one runs; so while one micro-batch's routed experts compute elsewhere, this
+        worker computes another's attention. Every row gets exactly what ``forward`` gives it in
+        its own micro-batch. With an in-process backend it only reorders work.
+        """
+        runs = [self._stages(batch, kv) for batch in batches]
+        outputs: list[ForwardOutput | None] = [None] * len(runs)
+        active = list(range(len(runs)))
+        while active:
+            for i in list(active):
+                try:
+                    next(runs[i])
+                except StopIteration as done:
+                    outputs[i] = done.value
+                    active.remove(i)
+        return outputs  # type: ignore[return-value]
+
+    def _stages(self, batch: ForwardBatch, kv: PagedKVCache) -> Generator[None, None, ForwardOutput]:
+        x = self.model.embed_tokens(batch.token_ids)
+        rope = self.rotary.cos_sin(batch.positions, x.dtype)
+        for layer in self.model.layers[: self.config.num_hidden_layers]:
+            x = yield from layer.stages(x, batch, rope, kv)
         hidden = self.model.norm(x)
         return ForwardOutput(hidden, self.lm_head(hidden[batch.logits_indices]))
 

@@ -43,15 +43,43 @@ def draw_generator(seed: int | None, draw_index: int) -> torch.Generator | None:
     return torch.Generator().manual_seed((seed * _SEED_STRIDE + draw_index) % (2**63))
 
 
+def split_chunks(chunks: list[SequenceChunk], parts: int) -> list[list[SequenceChunk]]:
+    """Cut a step's chunks, in order, into at most ``parts`` runs of about equal token counts."""
+    total = sum(len(c.token_ids) for c in chunks)
+    groups: list[list[SequenceChunk]] = [[]]
+    done = 0
+    for i, chunk in enumerate(chunks):
+        unopened = parts - len(groups)
+        share_done = done >= total * len(groups) / parts
+        if groups[-1] and unopened and (share_done or len(chunks) - i <= unopened):
+            groups.append([])
+        groups[-1].append(chunk)
+        done += len(chunk.token_ids)
+    return groups
+
+
 class ModelRunner:
-    def __init__(self, model: Glm4MoeForCausalLM, kv: PagedKVCache) -> None:
+    """Runs steps on one attention worker.
+
+    ``micro_batches`` > 1 cuts each step into that many micro-batches that take turns per layer
+    (``Glm4MoeForCausalLM.forward_overlapped``): worth it when the routed experts are remote.
+    """
+
+    def __init__(self, model: Glm4MoeForCausalLM, kv: PagedKVCache, micro_batches: int = 1) -> None:
+        if micro_batches < 1:
+            raise ValueError(f"micro_batches={micro_batches} must be >= 1")
         self.model = model
         self.kv = kv
+        self.micro_batches = micro_batches
         self.sampler = Sampler()
 
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
-        batch = build_batch(chunks, self.kv.block_size_tokens, self.kv.k.device)
-        return self.model.forward(batch, self.kv).logits
+        device = self.kv.k.device
+        if self.micro_batches > 1 and len(chunks) > 1:
+            batches = [build_batch(group, self.kv.block_size_tokens, device)
+                       for group in split_chunks(chunks, self.micro_batches)]
+            return torch.cat([out.logits for out in self.model.forward_overlapped(batches, self.kv)])
+        return self.model.forward(build_batch(chunks, self.kv.block_size_tokens, device), self.kv).logits
 
     def execute(self, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> StepOutput:
         """Forward ``chunks``; sample one token for each chunk that asks for logits (in order)."""

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from workers.config import ModelConfig
-from workers.experts import ExpertBackend
+from workers.experts import ExpertBackend, PendingExperts
 from workers.layers import MLP
 
 
@@ -57,9 +57,17 @@ class MoE(nn.Module):
         self.experts: ExpertBackend | None = None  # set by the owner: local experts or the dispatcher
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pending, shared = self.start(x)
+        return self.finish(x, pending, shared)
+
+    def start(self, x: torch.Tensor) -> tuple[PendingExperts, torch.Tensor]:
+        """Gate, send the routed experts off, compute the shared expert while they run."""
         if self.experts is None:
             raise RuntimeError(f"MoE layer {self.layer_index} has no expert backend")
         topk_ids, topk_weights = self.gate(x)
         pending = self.experts.submit(self.layer_index, x, topk_ids, topk_weights)
-        shared = self.shared_experts(x)  # overlaps with a remote dispatch in flight
+        return pending, self.shared_experts(x)  # overlaps with a remote dispatch in flight
+
+    @staticmethod
+    def finish(x: torch.Tensor, pending: PendingExperts, shared: torch.Tensor) -> torch.Tensor:
         return pending.result().to(x.dtype) + shared

@@ -54,10 +54,12 @@ def start_cluster(local_ray, checkpoint):
         cluster.shutdown()
 
 
-@pytest.mark.parametrize(("num_attention", "num_expert"), [(1, 1), (1, 2), (1, 4), (2, 2)])
-def test_cluster_matches_single_process(start_cluster, reference, num_attention, num_expert):
+@pytest.mark.parametrize(("num_attention", "num_expert", "micro_batches"),
+                         [(1, 1, 1), (1, 2, 1), (1, 4, 1), (2, 2, 1), (1, 2, 2)])
+def test_cluster_matches_single_process(start_cluster, reference, num_attention, num_expert, micro_batches):
     model, ref = reference
-    cluster = start_cluster(num_attention_workers=num_attention, num_expert_workers=num_expert)
+    cluster = start_cluster(num_attention_workers=num_attention, num_expert_workers=num_expert,
+                            micro_batches=micro_batches)
     got = cluster.generate(_prompts(model.config.vocab_size), NEW_TOKENS, keep_logits=True)
     assert got.token_ids == ref.token_ids
     for mine, theirs in zip(got.logits, ref.logits, strict=True):
