@@ -488,20 +488,29 @@ def reading(results: list[RunResult], concurrencies: Sequence[int]) -> str:
         hf, lo = table["hf-static", c], table["local", c]
         hf_tpot = summary_ms([t.tpot_s for t in hf.timings if t.tpot_s is not None])[0]
         lo_tpot = summary_ms([t.tpot_s for t in lo.timings if t.tpot_s is not None])[0]
-        lines.append(f"* transformers' TPOT at batch {c} is {hf_tpot:.1f} ms "
-                     f"against {lo_tpot:.1f} ms for the single-process "
-                     f"engine: its static batches waste tokens, but its decode steps are cheaper and never "
-                     f"share a step with another request's prefill.")
+        why = ("its static batches waste tokens, but its decode steps are cheaper and never share a step "
+               "with another request's prefill" if hf_tpot < lo_tpot else
+               "continuous batching adds prefill chunks to decode steps and still decodes faster")
+        lines.append(f"* transformers' TPOT at batch {c} is {hf_tpot:.1f} ms against {lo_tpot:.1f} ms for the "
+                     f"single-process engine: {why}.")
     others = [r.extra["cpu_others"] for r in results if "cpu_others" in r.extra]
+    ours = [r.extra["cpu_ours"] for r in results if r.engine == "cluster" and "cpu_ours" in r.extra]
     if others:
         busy = statistics.mean(others)
+        cores = os.cpu_count() or 1
+        if busy >= 0.5:
+            load = (f"other processes on the machine (Ray's daemons included) used {busy:.2f} of the {cores} "
+                    "cores on average (CPU others), so the cluster's worker processes mostly took turns on "
+                    "the cores that were left")
+        else:
+            load = (f"the machine was otherwise quiet (other processes, Ray's daemons included, used "
+                    f"{busy:.2f} of the {cores} cores on average)")
+        used = (f"; the cluster's own processes used {statistics.mean(ours):.2f} cores on average: a step "
+                "is a chain of hand-offs (coordinator, attention worker, expert workers and back) more "
+                "than a parallel computation") if ours else ""
         lines.append(
-            f"* Other processes on the machine (Ray's daemons included) used {busy:.2f} of the "
-            f"{os.cpu_count()} cores on average over the runs (CPU others): with less than a core free, "
-            "the cluster's three worker processes cannot run in parallel and distribution only adds work "
-            "(Ray, ZMQ, serialization) and hand-offs between processes waiting for a core. Every process "
-            "here, transformers' included, runs 1 torch thread and the same glibc malloc thresholds "
-            "(`workers/malloc_tuning.py`).")
+            f"* CPU: {load}{used}. Every process here, transformers' included, runs 1 torch thread and "
+            "the same glibc malloc thresholds (`workers/malloc_tuning.py`).")
     return "\n".join(lines)
 
 
