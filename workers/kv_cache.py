@@ -52,7 +52,11 @@ def blocks_needed(num_tokens: int, block_size_tokens: int) -> int:
 
 
 class PagedKVCache:
-    """K and V slot tensors ``[num_layers, num_blocks * block_size, Hkv, D]``."""
+    """K and V slot tensors ``[num_layers, Hkv, num_blocks * block_size, D]``.
+
+    Head-major, so one KV head's slots of a block are contiguous: gathering a sequence's blocks
+    per head gives the ``[L, D]`` matrices attention multiplies with, without another copy.
+    """
 
     def __init__(self, config: ModelConfig, num_blocks: int, block_size_tokens: int,
                  dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
@@ -60,7 +64,7 @@ class PagedKVCache:
         self.block_size_tokens = block_size_tokens
         self.num_blocks = num_blocks
         self.num_layers = config.num_hidden_layers + (config.num_nextn_predict_layers if include_mtp else 0)
-        shape = (self.num_layers, num_blocks * block_size_tokens, config.num_key_value_heads, config.head_dim)
+        shape = (self.num_layers, config.num_key_value_heads, num_blocks * block_size_tokens, config.head_dim)
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.allocator = BlockAllocator(num_blocks)

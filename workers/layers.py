@@ -81,7 +81,7 @@ class Attention(nn.Module):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
     ) -> torch.Tensor:
-        """x [T, H] → [T, H]; k_cache/v_cache are this layer's slot tensors [num_slots, Hkv, D]."""
+        """x [T, H] → [T, H]; k_cache/v_cache are this layer's slot tensors [Hkv, num_slots, D]."""
         num_tokens = x.shape[0]
         q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
         k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
@@ -92,8 +92,8 @@ class Attention(nn.Module):
         cos, sin = rope
         q = RotaryEmbedding.apply(q, cos, sin)
         k = RotaryEmbedding.apply(k, cos, sin)
-        k_cache.index_copy_(0, batch.slot_mapping, k.to(k_cache.dtype))
-        v_cache.index_copy_(0, batch.slot_mapping, v.to(v_cache.dtype))
+        k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
+        v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
         out = self._attend(q, batch, k_cache, v_cache)
         return self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
 
@@ -101,37 +101,60 @@ class Attention(nn.Module):
                 v_cache: torch.Tensor) -> torch.Tensor:
         """Causal attention of every sequence's new queries over its cached context.
 
-        Context is read a whole block at a time (one contiguous copy per block). Decode rows (one
-        query each) are batched into one padded call; prefill chunks run one call per sequence.
+        Context is read a whole block at a time, per KV head: the head-major cache makes each
+        head's gathered context one contiguous [L, D] matrix. Decode rows (one query each) are
+        batched into one padded computation; prefill chunks run one call per sequence.
         """
         out = torch.empty_like(q)
-        k_blocks = k_cache.view(-1, batch.block_size_tokens, self.num_kv_heads, self.head_dim)
-        v_blocks = v_cache.view(-1, batch.block_size_tokens, self.num_kv_heads, self.head_dim)
+        block_width = batch.block_size_tokens * self.head_dim
+        k_blocks = k_cache.view(self.num_kv_heads, -1, block_width)    # [Hkv, num_blocks, bs * D]
+        v_blocks = v_cache.view(self.num_kv_heads, -1, block_width)
         if batch.decode_rows.numel():
             rows = batch.decode_rows
-            keys = _gather_blocks(k_blocks, batch.decode_blocks).to(q.dtype)     # [B, Lmax, Hkv, D]
-            values = _gather_blocks(v_blocks, batch.decode_blocks).to(q.dtype)
-            mask = batch.decode_mask[:, None, None, :]                           # [B, 1, 1, Lmax]
-            attn = F.scaled_dot_product_attention(
-                q.index_select(0, rows)[:, :, None, :], keys.transpose(1, 2), values.transpose(1, 2),
-                attn_mask=mask, scale=self.scale, enable_gqa=True)
-            out[rows] = attn[:, :, 0, :]
+            num_seqs = rows.shape[0]
+            keys = _gather_blocks(k_blocks, batch.decode_blocks, self.head_dim)   # [Hkv, B, L, D]
+            values = _gather_blocks(v_blocks, batch.decode_blocks, self.head_dim)
+            queries = q.index_select(0, rows)                                      # [B, Hq, D]
+            if q.device.type == "cpu":
+                attn = self._decode_cpu(queries, keys, values, batch.decode_mask)
+            else:
+                attn = F.scaled_dot_product_attention(
+                    queries[:, :, None, :], keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
+                    attn_mask=batch.decode_mask[:, None, None, :], scale=self.scale, enable_gqa=True)[:, :, 0, :]
+            out[rows] = attn.reshape(num_seqs, self.num_heads, self.head_dim).to(q.dtype)
         for start, length, blocks, mask in batch.prefill_segments:
-            keys = _gather_blocks(k_blocks, blocks[None])[0].to(q.dtype).transpose(0, 1)[None]  # [1, Hkv, L, D]
-            values = _gather_blocks(v_blocks, blocks[None])[0].to(q.dtype).transpose(0, 1)[None]
+            keys = _gather_blocks(k_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]  # [1, Hkv, L, D]
+            values = _gather_blocks(v_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]
             queries = q[start:start + length].transpose(0, 1)[None]    # [1, Hq, n, D]
             attn = F.scaled_dot_product_attention(
                 queries, keys, values, attn_mask=mask, scale=self.scale, enable_gqa=True)
             out[start:start + length] = attn[0].transpose(0, 1)
         return out
 
+    def _decode_cpu(self, queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                    mask: torch.Tensor) -> torch.Tensor:
+        """One query per sequence, in float32 with batched matmuls over (KV head, sequence).
 
-def _gather_blocks(cache_blocks: torch.Tensor, tables: torch.Tensor) -> torch.Tensor:
-    """Blocks ``tables`` [B, N] of ``cache_blocks`` [num_blocks, bs, Hkv, D] → [B, N * bs, Hkv, D]."""
+        queries [B, Hq, D]; keys/values [Hkv, B, L, D]; mask [B, L] → [B, Hq, D]. On the CPU this
+        is about twice as fast as scaled_dot_product_attention with a padding mask.
+        """
+        num_kv, num_seqs, length, dim = keys.shape
+        group = self.num_heads // num_kv
+        q = (queries.float() * self.scale).view(num_seqs, num_kv, group, dim).transpose(0, 1)
+        q = q.reshape(num_kv * num_seqs, group, dim)
+        scores = torch.bmm(q, keys.float().view(num_kv * num_seqs, length, dim).transpose(1, 2))
+        scores = scores.view(num_kv, num_seqs, group, length)
+        scores.masked_fill_(~mask[None, :, None, :], float("-inf"))
+        probs = torch.softmax(scores, dim=-1).view(num_kv * num_seqs, group, length)
+        attn = torch.bmm(probs, values.float().view(num_kv * num_seqs, length, dim))
+        return attn.view(num_kv, num_seqs, group, dim).transpose(0, 1)
+
+
+def _gather_blocks(cache_blocks: torch.Tensor, tables: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """Blocks ``tables`` [B, N] of ``cache_blocks`` [Hkv, num_blocks, bs * D] → [Hkv, B, N * bs, D]."""
     num_seqs, num_blocks = tables.shape
-    _, bs, heads, dim = cache_blocks.shape
-    flat = cache_blocks.view(cache_blocks.shape[0], -1).index_select(0, tables.reshape(-1))
-    return flat.view(num_seqs, num_blocks * bs, heads, dim)
+    gathered = cache_blocks.index_select(1, tables.reshape(-1))
+    return gathered.view(cache_blocks.shape[0], num_seqs, -1, head_dim)
 
 
 class MLP(nn.Module):
