@@ -283,7 +283,8 @@ def format_status(status: pb.ClusterStatus) -> str:
         if w.role == "expert":
             experts = _ranges(experts_of.get(w.index, []))
         node = w.node_id if len(w.node_id) <= 12 else w.node_id[:12] + "…"
-        rows.append((w.role, str(w.index), node, w.state, f"{w.load:g}", kv_text, experts))
+        load = f"{w.load:.0f} tok/s" if w.role == "expert" else f"{w.load:g} running"
+        rows.append((w.role, str(w.index), node, w.state, load, kv_text, experts))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines += ["  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() for row in rows]
     lines.append(f"\nplacement v{status.placement.version}: {len(status.placement.experts)} routed experts over "

@@ -50,7 +50,7 @@ def test_generate_error_exits_nonzero(api, capsys):
 def test_status_table_and_json(api, capsys):
     table = run_cli(capsys, "status", "--target", api.target)
     assert "ROLE" in table and "KV BLOCKS USED" in table and "attention+expert" in table
-    assert f"model {api.engine.model_name}" in table and "ready: yes" in table
+    assert f"model {api.engine.model_name}" in table and "ready: yes" in table and "0 running" in table
     status = json.loads(run_cli(capsys, "status", "--json", "--target", api.target))
     assert status["ready"] is True and len(status["placement"]["experts"]) == 16
 
