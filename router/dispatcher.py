@@ -17,10 +17,11 @@ from collections.abc import Mapping
 
 import torch
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from router import wire
 from router.counters import DispatcherCounters
-from router.errors import DispatchTimeout, PlacementError, RemoteExpertError, WireError
+from router.errors import DispatchTimeout, ExpertWorkerLost, PlacementError, RemoteExpertError, WireError
 from router.placement import PlacementTable
 
 HWM_MESSAGES = 1024
@@ -53,7 +54,8 @@ class PendingDispatch:
 
         When one worker computed every token, this is its reply as received: a tensor over the
         read-only frame, for out-of-place use. Raises DispatchTimeout if a worker has not answered
-        by `timeout_s` after submit, and RemoteExpertError if a worker answered with an error.
+        by `timeout_s` after submit, RemoteExpertError if a worker answered with an error, and
+        ExpertWorkerLost as soon as the connection to a worker it waits for drops.
         """
         if self._value is None and self._error is None:
             self._dispatcher._collect(self)
@@ -150,6 +152,14 @@ class Dispatcher:
             self._sockets[worker] = sock
             self._poller.register(sock, zmq.POLLIN)
         self._worker_of = {sock: worker for worker, sock in self._sockets.items()}
+        # A dropped TCP connection (the worker's process died) fails the dispatches waiting on it at
+        # once instead of at the timeout: its replies can no longer arrive.
+        self._monitor_of: dict[zmq.Socket, int] = {}
+        self._lost: set[int] = set()  # disconnected and not connected again (ZMQ keeps retrying)
+        for worker, sock in self._sockets.items():
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            self._poller.register(monitor, zmq.POLLIN)
+            self._monitor_of[monitor] = worker
         self._req_ids = itertools.count()
         # Dispatches whose replies may still arrive; a dropped PendingDispatch leaves on its own.
         self._pending: weakref.WeakValueDictionary[int, PendingDispatch] = weakref.WeakValueDictionary()
@@ -209,6 +219,10 @@ class Dispatcher:
             return
         self._closed = True
         for sock in self._sockets.values():
+            sock.disable_monitor()
+        for monitor in self._monitor_of:
+            monitor.close()
+        for sock in self._sockets.values():
             sock.close()
         self._ctx.term()
 
@@ -237,6 +251,11 @@ class Dispatcher:
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""
         while pending._rows:
+            if self._lost:
+                for monitor in self._monitor_of:  # a lost worker may have come back meanwhile
+                    self._disconnected(monitor)
+                if self._fail_if_lost(pending):
+                    return
             remaining_s = pending._deadline_s - time.monotonic()
             if remaining_s <= 0:
                 self._pending.pop(pending.req, None)
@@ -246,8 +265,35 @@ class Dispatcher:
                 return
             # One message per readable socket, then poll again: cheaper than reading until zmq.Again.
             for sock, _ in self._poller.poll(remaining_s * 1000):
-                self._receive(sock)
+                if sock in self._monitor_of:
+                    self._disconnected(sock)
+                else:
+                    self._receive(sock)
         self._pending.pop(pending.req, None)
+
+    def _disconnected(self, monitor: zmq.Socket) -> None:
+        """Read one connection event of a worker: mark it lost (failing what waits on it) or back."""
+        worker = self._monitor_of[monitor]
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        if event["event"] == zmq.EVENT_CONNECTED:
+            self._lost.discard(worker)
+            return
+        self._lost.add(worker)
+        for owner in list(self._pending.values()):
+            self._fail_if_lost(owner)
+
+    def _fail_if_lost(self, pending: PendingDispatch) -> bool:
+        lost = sorted(self._lost.intersection(pending._rows))
+        if not lost:
+            return False
+        self._pending.pop(pending.req, None)
+        names = ", ".join(f"{w} at {self.endpoints[w]}" for w in lost)
+        pending._fail(ExpertWorkerLost(f"layer {pending.layer}: the connection to expert worker {names} "
+                                       "dropped before it replied"))
+        return True
 
     def _receive(self, sock: zmq.Socket) -> None:
         worker = self._worker_of[sock]

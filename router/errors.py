@@ -28,3 +28,7 @@ class DispatchTimeout(RouterError):
 
 class RemoteExpertError(RouterError):
     """An expert worker answered a dispatch with an error reply; the message carries its reason."""
+
+
+class ExpertWorkerLost(RouterError):
+    """The connection to an expert worker dropped while a dispatch to it waited for its reply."""

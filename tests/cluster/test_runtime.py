@@ -161,7 +161,7 @@ def _port_is_free(endpoint: str) -> bool:
 
 def test_killed_expert_worker_raises_within_timeout_and_cluster_stops_cleanly(start_cluster, reference):
     model, _ = reference
-    timeout_s = 3.0
+    timeout_s = 60.0  # the dropped connection, not this timeout, must end the forward
     cluster = start_cluster(num_expert_workers=2, dispatch_timeout_s=timeout_s)
     endpoints = dict(cluster.endpoints)
     prompts = _prompts(model.config.vocab_size) * 4
@@ -184,7 +184,8 @@ def test_killed_expert_worker_raises_within_timeout_and_cluster_stops_cleanly(st
     error = outcome.get("error")
     assert isinstance(error, WorkerFailure), error
     assert f"worker 1 at {endpoints[1]}" in str(error)
-    assert outcome["at"] - killed_at < timeout_s + 5
+    assert outcome["at"] - killed_at < 10
+    assert "dropped before it replied" in str(error)
     attention = list(cluster.attention)
     cluster.shutdown()
     for actor in attention:
