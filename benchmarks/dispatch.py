@@ -48,6 +48,7 @@ from router import wire
 from router.dispatcher import Dispatcher
 from router.expert_server import ExpertServer
 from router.placement import PlacementTable
+from workers.malloc_tuning import tune_malloc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
@@ -76,6 +77,7 @@ def _scaled_rows(
 
 def _expert_server_main(conn: Connection, num_experts: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, Ctrl-C or not
+    tune_malloc()  # as an expert worker does
     torch.set_num_threads(1)
     server = ExpertServer(_scaled_rows, num_experts, bind_host="127.0.0.1").start()
     try:
@@ -90,6 +92,7 @@ def _expert_server_main(conn: Connection, num_experts: int) -> None:
 def _echo_server_main(conn: Connection) -> None:
     """ROUTER that answers each request with [header, payload] of the sizes packed in its first frame."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tune_malloc()  # the same process settings as the expert servers
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -627,6 +630,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> None:
+    tune_malloc()  # this process is the attention side of both parts (and the single-process model)
     args = parse_args(argv)
     started = time.perf_counter()
     load_at_start = load_average()

@@ -27,8 +27,7 @@ daemons included) is read from /proc and reported in cores.
 
 For the engines each step the coordinator runs (``executor.execute``) is timed from outside, and
 the time left over is the coordinator's own (scheduling, streaming, the asyncio client); for the
-cluster a no-op Ray call to the attention worker and the dispatcher's round-trip counters show
-what a step pays for being distributed.
+cluster the dispatcher's round-trip counters show what a step pays for being distributed.
 
     .venv/bin/python benchmarks/serve.py [--quick] [--write-docs]
 
@@ -55,7 +54,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import ray
 import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -214,18 +212,6 @@ async def engine_run(engine: Engine, name: str, requests: list[BenchRequest], co
     return RunResult(name, concurrency, list(timings), duration, tokens, tokens, timer.stats)
 
 
-def ray_noop_ms(engine: Engine, calls: int = 50) -> float:
-    """Median round trip of a trivial Ray actor call to attention worker 0."""
-    actor = engine.executor.cluster.attention[0]  # type: ignore[attr-defined]
-    ray.get(actor.counters.remote())
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        ray.get(actor.counters.remote())
-        samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1000
-
-
 def dispatch_totals(engine: Engine) -> tuple[int, float]:
     """(round trips, summed round-trip seconds) over every link of every attention worker."""
     snapshot = engine.executor.cluster.counters()  # type: ignore[attr-defined]
@@ -299,7 +285,6 @@ class EngineUnderTest:
             after = dispatch_totals(self.engine)
             result.extra["dispatches"] = after[0] - before[0]
             result.extra["dispatch_rtt_s"] = after[1] - before[1]
-            result.extra["ray_noop_ms"] = ray_noop_ms(self.engine)
         return result
 
 
@@ -424,7 +409,6 @@ def steps_table(results: list[RunResult]) -> str:
         s = r.steps
         if s is None or not s.steps:
             continue
-        ray_ms = f"{r.extra['ray_noop_ms']:.2f}" if "ray_noop_ms" in r.extra else "-"
         if r.extra.get("dispatches"):
             trips = r.extra["dispatches"] / s.steps
             rtt = f"{trips:.1f} x {r.extra['dispatch_rtt_s'] / r.extra['dispatches'] * 1000:.2f}"
@@ -433,9 +417,9 @@ def steps_table(results: list[RunResult]) -> str:
         rows.append([str(r.concurrency), r.engine, str(s.steps), f"{s.rows / s.steps:.1f}",
                      f"{s.tokens / s.steps:.1f}", f"{s.execute_s / s.steps * 1000:.2f}",
                      f"{(r.duration_s - s.execute_s) / s.steps * 1000:.2f}", f"{s.execute_s / r.duration_s:.0%}",
-                     ray_ms, rtt])
+                     rtt])
     return markdown_table(["concurrency", "engine", "steps", "seqs/step", "tokens/step", "execute ms/step",
-                           "outside ms/step", "wall in execute", "Ray no-op ms", "dispatches/step x rtt ms"], rows)
+                           "outside ms/step", "wall in execute", "dispatches/step x rtt ms"], rows)
 
 
 def cpu_model() -> str:
@@ -476,9 +460,8 @@ def reading(results: list[RunResult], concurrencies: Sequence[int]) -> str:
             rtt_ms = cl.extra.get("dispatch_rtt_s", 0.0) / max(1.0, cl.extra.get("dispatches", 0)) * 1000
             layers = trips / 2  # the engine runs 2 expert workers; a layer's two dispatches are in flight together
             cl_ms, lo_ms = cs.execute_s / cs.steps * 1000, ls.execute_s / ls.steps * 1000
-            noop = cl.extra.get("ray_noop_ms", 0.0)
             step = (f"  A cluster step takes {cl_ms:.1f} ms against {lo_ms:.1f} ms in process (same steps, "
-                    f"{cs.tokens / cs.steps:.0f} tokens/step); it pays a Ray call (a no-op one takes {noop:.1f} ms) "
+                    f"{cs.tokens / cs.steps:.0f} tokens/step); it pays a step message each way (ZMQ, msgpack) "
                     f"and about {layers:.1f} expert round trips of {rtt_ms:.1f} ms, which include the experts' "
                     "own compute (done in process by the single-process engine)")
             if cl_ms <= lo_ms:

@@ -2,8 +2,8 @@
 
 ``LocalExecutor`` runs one attention worker's steps in this process with every expert local
 (tests, the reference engine, the benchmark baseline). ``ClusterExecutor`` sends each attention
-worker its step as one Ray call (the per-layer traffic stays on ZMQ); steps of different
-attention workers run concurrently.
+worker its step as one message over the step channel (``cluster.step_channel``, ZMQ; Ray calls
+are for control and health); steps of different attention workers run concurrently.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ from typing import Any, Protocol
 
 import ray
 import torch
-from ray.exceptions import RayActorError, RayTaskError
 
 from cluster.errors import WorkerFailure
 from cluster.runtime import Cluster, unwrap_ray_error
+from cluster.step_channel import StepChannel
 from workers.batch import SequenceChunk
 from workers.config import ModelConfig
 from workers.generate import load_model
@@ -85,21 +85,14 @@ class ClusterExecutor:
         self.num_kv_blocks = cluster.config.num_kv_blocks
         self.block_size_tokens = cluster.config.block_size_tokens
         self._failed: set[tuple[str, int]] = set()
+        self.channel = StepChannel(cluster.step_endpoints)
 
     def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
-        refs = {w: self.cluster.attention[w].execute.remote(*step) for w, step in steps.items()}
-        out, errors = {}, []
-        for w, ref in refs.items():
-            try:
-                out[w] = ray.get(ref)
-            except RayActorError as exc:
-                self._failed.add(("attention", w))
-                errors.append(f"attention worker {w} died: {unwrap_ray_error(exc)}")
-            except RayTaskError as exc:
-                errors.append(f"step failed on attention worker {w}: {unwrap_ray_error(exc)}")
-        if errors:
-            raise WorkerFailure("; ".join(errors))
-        return out
+        try:
+            return self.channel.run(steps)
+        except WorkerFailure:
+            self._failed.update(("attention", w) for w in self.channel.lost_workers())
+            raise
 
     def workers(self) -> list[dict[str, Any]]:
         loads = self._expert_loads()
@@ -141,4 +134,5 @@ class ClusterExecutor:
         return lost
 
     def shutdown(self) -> None:
+        self.channel.close()
         self.cluster.shutdown()

@@ -87,6 +87,8 @@ class Cluster:
         self.attention: list[Any] = []
         self.experts: list[Any] = []
         self.worker_info: list[dict[str, Any]] = []
+        self.endpoints: dict[int, str] = {}       # expert worker -> its dispatch endpoint
+        self.step_endpoints: list[str] = []       # attention worker -> its step endpoint
         self.allocators = [BlockAllocator(config.num_kv_blocks) for _ in range(config.num_attention_workers)]
         self._owns_ray = False
         self._closed = False
@@ -128,6 +130,8 @@ class Cluster:
         self.endpoints = {info["index"]: info["endpoint"] for info in expert_info}
         self._wait([a.connect.remote(self.placement.to_dict(), self.endpoints, cfg.dispatch_timeout_s)
                     for a in self.attention], "attention")
+        # Engine steps travel over ZMQ (workers.step_server); Ray calls stay for control.
+        self.step_endpoints = self._wait([a.start_step_server.remote(bind_host) for a in self.attention], "attention")
         log.info("cluster up: %d attention, %d expert workers", len(self.attention), len(self.experts))
 
     def _connect_ray(self) -> None:

@@ -9,9 +9,7 @@ message or a failing compute yields an error reply and a log line, never a dead 
 from __future__ import annotations
 
 import logging
-import threading
 from collections.abc import Callable
-from types import TracebackType
 
 import torch
 import zmq
@@ -19,6 +17,7 @@ import zmq
 from router import wire
 from router.counters import ServerCounters
 from router.errors import WireError
+from router.socket_server import RouterSocketServer
 
 log = logging.getLogger(__name__)
 
@@ -27,12 +26,11 @@ ComputeFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tenso
 
 Raise KeyError or ValueError for a layer or expert this worker does not hold."""
 
-HWM_MESSAGES = 1024
 # Errors that mean "this request is bad"; anything else is a bug in compute, logged with a traceback.
 _REJECTED = (WireError, KeyError, ValueError, IndexError)
 
 
-class ExpertServer:
+class ExpertServer(RouterSocketServer):
     """ROUTER socket bound on `bind_host:port` (0 picks a free port; see `endpoint`), served by a thread.
 
     `num_experts` is the global expert count, used to reject out-of-range ids and to size
@@ -43,72 +41,9 @@ class ExpertServer:
         self._compute = compute
         self.num_experts = num_experts
         self.counters = ServerCounters(num_experts)
-        self._ctx = zmq.Context()
-        self._socket = self._ctx.socket(zmq.ROUTER)
-        self._socket.setsockopt(zmq.LINGER, 0)
-        self._socket.setsockopt(zmq.SNDHWM, HWM_MESSAGES)
-        self._socket.setsockopt(zmq.RCVHWM, HWM_MESSAGES)
-        self._socket.bind(f"tcp://{bind_host}:{port}")
-        self.endpoint: str = self._socket.getsockopt_string(zmq.LAST_ENDPOINT)
-        # stop() wakes the serving thread through this inproc pair instead of a polling interval.
-        wake = f"inproc://expert-server-wake-{id(self)}"
-        self._wake_recv = self._ctx.socket(zmq.PAIR)
-        self._wake_recv.bind(wake)
-        self._wake_send = self._ctx.socket(zmq.PAIR)
-        self._wake_send.connect(wake)
-        self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._stopped = False
+        super().__init__("expert-server", bind_host, port)
 
-    def start(self) -> ExpertServer:
-        with self._lock:
-            if self._stopped:
-                raise RuntimeError(f"expert server {self.endpoint} was stopped; create a new one")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=f"expert-server {self.endpoint}", daemon=True)
-                self._thread.start()
-        return self
-
-    def stop(self) -> None:
-        """Stop serving, close the sockets and join the thread. Safe to call more than once."""
-        with self._lock:
-            if self._stopped:
-                return
-            self._stopped = True
-            if self._thread is not None:
-                self._wake_send.send(b"")
-                self._thread.join()
-            else:
-                self._socket.close()
-                self._wake_recv.close()
-            self._wake_send.close()
-            self._ctx.term()
-
-    def __enter__(self) -> ExpertServer:
-        return self.start()
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.stop()
-
-    def _serve(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self._socket, zmq.POLLIN)
-        poller.register(self._wake_recv, zmq.POLLIN)
-        try:
-            while True:
-                ready = dict(poller.poll())
-                if self._wake_recv in ready:
-                    return
-                # One message per poll: cheaper than reading until zmq.Again.
-                frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
-                self._handle(frames[0], frames[1:])
-        finally:
-            self._socket.close()
-            self._wake_recv.close()
-
-    def _handle(self, identity: zmq.Frame, frames: list[zmq.Frame]) -> None:
+    def handle(self, frames: list[zmq.Frame]) -> list[wire.Frame]:
         req = layer = -1
         try:
             msg = wire.decode(frames)
@@ -122,7 +57,7 @@ class ExpertServer:
             out = self._reject(req, layer, exc)
         else:
             self.counters.record(layer, msg.pair_expert, msg.x.shape[0], wire.nbytes(frames), wire.nbytes(out))
-        self._socket.send_multipart([identity, *out], copy=False)
+        return out
 
     def _serve_dispatch(self, msg: wire.Dispatch) -> wire.Result:
         # The one check of the expert ids: compute (and the counters) may index with them.

@@ -10,6 +10,7 @@ block accounting; the worker owns the KV tensors.
 from __future__ import annotations
 
 import os
+import threading
 from typing import Any
 
 import torch
@@ -23,6 +24,7 @@ from workers.malloc_tuning import tune_malloc
 from workers.model import Glm4MoeForCausalLM
 from workers.model_runner import ModelRunner, RowSampling, StepOutput
 from workers.placement_info import node_identity
+from workers.step_server import StepServer
 
 
 class AttentionWorker:
@@ -41,6 +43,8 @@ class AttentionWorker:
                                device=self.device)
         self.runner = ModelRunner(self.model, self.kv, micro_batches)
         self.dispatcher: Dispatcher | None = None
+        self.step_server: StepServer | None = None
+        self._step_lock = threading.Lock()  # steps come from Ray calls or the step channel, one at a time
 
     def ready(self) -> dict[str, Any]:
         return {"role": "attention", "index": self.worker_index, "pid": os.getpid(),
@@ -53,13 +57,22 @@ class AttentionWorker:
         self.dispatcher = Dispatcher(PlacementTable.from_dict(placement), endpoints, timeout_s=timeout_s)
         self.model.set_expert_backend(self.dispatcher)
 
+    def start_step_server(self, bind_host: str | None = None) -> str:
+        """Serve engine steps over ZMQ (``workers.step_server``); returns the endpoint to connect to."""
+        if self.step_server is None:
+            host = bind_host or node_identity()["node_ip"]
+            self.step_server = StepServer(self.execute, bind_host=host).start()
+        return self.step_server.endpoint
+
     def forward(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         """One flat step; returns the logits [N, V] of the rows the chunks ask for (on the CPU)."""
-        return self.runner.logits(chunks).cpu()
+        with self._step_lock:
+            return self.runner.logits(chunks).cpu()
 
     def execute(self, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> StepOutput:
         """One engine step: forward, then sample on this worker (only token ids travel back)."""
-        return self.runner.execute(chunks, sampling)
+        with self._step_lock:
+            return self.runner.execute(chunks, sampling)
 
     def tensor_names(self) -> list[str]:
         return self._tensor_names
@@ -68,6 +81,9 @@ class AttentionWorker:
         return self.dispatcher.counters.snapshot() if self.dispatcher else {}
 
     def shutdown(self) -> None:
+        if self.step_server is not None:
+            self.step_server.stop()
+            self.step_server = None
         if self.dispatcher is not None:
             self.dispatcher.close()
             self.dispatcher = None

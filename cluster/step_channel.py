@@ -1,0 +1,112 @@
+"""StepChannel: the coordinator's end of the step channel to the attention workers.
+
+One DEALER socket per attention worker; ``run`` sends each worker its step (``workers.step_wire``)
+and waits for every reply. The steps of different workers run concurrently. A worker whose
+connection drops (its process died) fails the step at once through a ZMQ socket monitor; a step
+that failed on the worker comes back as an error reply. Both raise ``WorkerFailure``. Used from
+one thread at a time.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import zmq
+from zmq.utils.monitor import recv_monitor_message
+
+from cluster.errors import WorkerFailure
+from workers.batch import SequenceChunk
+from workers.model_runner import RowSampling, StepOutput
+from workers.step_wire import StepWireError, decode_reply, encode_step
+
+WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
+
+
+class StepChannel:
+    def __init__(self, endpoints: list[str]) -> None:
+        self.endpoints = list(endpoints)
+        self._ctx = zmq.Context()
+        self._sockets: list[zmq.Socket] = []
+        self._poller = zmq.Poller()
+        self._monitor_of: dict[zmq.Socket, int] = {}
+        for worker, endpoint in enumerate(self.endpoints):
+            sock = self._ctx.socket(zmq.DEALER)
+            sock.setsockopt(zmq.LINGER, 0)
+            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
+            sock.connect(endpoint)
+            self._sockets.append(sock)
+            self._poller.register(sock, zmq.POLLIN)
+            self._poller.register(monitor, zmq.POLLIN)
+            self._monitor_of[monitor] = worker
+        self._worker_of = {sock: worker for worker, sock in enumerate(self._sockets)}
+        self._lost: set[int] = set()
+        self._step_ids = itertools.count()
+        self._closed = False
+
+    def run(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        """Run each worker's step (keys: worker index) and return their outputs."""
+        if self._closed:
+            raise RuntimeError("step channel is closed")
+        step_id = next(self._step_ids)
+        for worker, (chunks, sampling) in steps.items():
+            self._sockets[worker].send(encode_step(step_id, chunks, sampling), copy=False)
+        waiting = set(steps)
+        out: dict[int, StepOutput] = {}
+        errors: dict[int, str] = {}
+        while waiting:
+            lost = self._lost & waiting
+            for worker in lost:
+                errors[worker] = f"attention worker {worker} at {self.endpoints[worker]} died (its connection dropped)"
+            waiting -= lost
+            if not waiting:
+                break
+            for sock, _ in self._poller.poll():
+                if sock in self._monitor_of:
+                    self._read_event(sock)
+                    continue
+                worker = self._worker_of[sock]
+                try:
+                    reply_id, result = decode_reply(sock.recv(zmq.NOBLOCK))
+                except StepWireError as exc:
+                    waiting.discard(worker)
+                    errors[worker] = f"attention worker {worker} sent a bad reply: {exc}"
+                    continue
+                if reply_id != step_id or worker not in waiting:
+                    continue  # the reply to an earlier step that already failed
+                waiting.discard(worker)
+                if isinstance(result, str):
+                    errors[worker] = f"step failed on attention worker {worker}: {result}"
+                else:
+                    out[worker] = result
+        if errors:
+            raise WorkerFailure("; ".join(errors[w] for w in sorted(errors)))
+        return out
+
+    def lost_workers(self) -> set[int]:
+        """Workers whose connection dropped and has not come back (events read so far)."""
+        for monitor in self._monitor_of:
+            self._read_event(monitor)
+        return set(self._lost)
+
+    def _read_event(self, monitor: zmq.Socket) -> None:
+        try:
+            event = recv_monitor_message(monitor, zmq.NOBLOCK)
+        except zmq.Again:
+            return
+        worker = self._monitor_of[monitor]
+        if event["event"] == zmq.EVENT_DISCONNECTED:
+            self._lost.add(worker)
+        elif event["event"] == zmq.EVENT_CONNECTED:
+            self._lost.discard(worker)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for sock in self._sockets:
+            sock.disable_monitor()
+        for monitor in self._monitor_of:
+            monitor.close()
+        for sock in self._sockets:
+            sock.close()
+        self._ctx.term()

@@ -1,0 +1,99 @@
+"""The step channel's wire format: one engine step to an attention worker and its output back.
+
+The coordinator sends every step to every attention worker, so the encoding is compact msgpack
+of plain lists (no pickle): chunks as ``[token_ids, start_position, block_table, num_logits]``,
+sampling rows as ``[params index, draw_index, prompt_ids, output_ids]`` with each distinct
+``SamplingParams`` of the step sent once as its field values. The worker keeps the parameter
+objects it has built (``SamplingParamsCache``), so a request's parameters are validated once, not
+every step. Replies are ``["ok", token_ids, logprobs, top_logprobs]`` or
+``["error", type name, message]``.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import fields
+
+import msgpack
+
+from workers.batch import SequenceChunk
+from workers.model_runner import RowSampling, StepOutput
+from workers.sampling import SamplingParams
+
+_PARAM_FIELDS = tuple(f.name for f in fields(SamplingParams))
+_TUPLE_FIELDS = {"stop_token_ids", "stop"}
+
+
+class StepWireError(ValueError):
+    """A step message that does not decode."""
+
+
+def encode_step(step_id: int, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> bytes:
+    params_index: dict[int, int] = {}
+    params: list[list] = []
+    rows = []
+    for row in sampling:
+        key = id(row.params)
+        if key not in params_index:
+            params_index[key] = len(params)
+            params.append([getattr(row.params, name) for name in _PARAM_FIELDS])
+        rows.append([params_index[key], row.draw_index, row.prompt_ids, row.output_ids])
+    body = [step_id, [[c.token_ids, c.start_position, c.block_table, c.num_logits] for c in chunks], params, rows]
+    return msgpack.packb(body)
+
+
+class SamplingParamsCache:
+    """SamplingParams by their field values, least recently used dropped beyond ``capacity``."""
+
+    def __init__(self, capacity: int = 4096) -> None:
+        self.capacity = capacity
+        self._built: OrderedDict[tuple, SamplingParams] = OrderedDict()
+
+    def get(self, values: list) -> SamplingParams:
+        key = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+        params = self._built.get(key)
+        if params is None:
+            if len(values) != len(_PARAM_FIELDS):
+                raise StepWireError(f"sampling parameters carry {len(values)} values, expected {len(_PARAM_FIELDS)}")
+            params = SamplingParams(**dict(zip(_PARAM_FIELDS, key, strict=True)))
+            self._built[key] = params
+            if len(self._built) > self.capacity:
+                self._built.popitem(last=False)
+        else:
+            self._built.move_to_end(key)
+        return params
+
+
+def decode_step(data: bytes, cache: SamplingParamsCache) -> tuple[int, list[SequenceChunk], list[RowSampling]]:
+    try:
+        step_id, raw_chunks, raw_params, raw_rows = msgpack.unpackb(data)
+        chunks = [SequenceChunk(tokens, start, table, num_logits) for tokens, start, table, num_logits in raw_chunks]
+        params = [cache.get(values) for values in raw_params]
+        sampling = [RowSampling(params[p], draw, tuple(prompt), tuple(output)) for p, draw, prompt, output in raw_rows]
+    except StepWireError:
+        raise
+    except Exception as exc:  # msgpack and unpacking raise many types on a malformed message
+        raise StepWireError(f"malformed step message ({type(exc).__name__}: {exc})") from None
+    return step_id, chunks, sampling
+
+
+def encode_output(step_id: int, output: StepOutput) -> bytes:
+    return msgpack.packb([step_id, "ok", output.token_ids, output.logprobs, output.top_logprobs])
+
+
+def encode_error(step_id: int, exc: BaseException) -> bytes:
+    return msgpack.packb([step_id, "error", type(exc).__name__, str(exc)])
+
+
+def decode_reply(data: bytes) -> tuple[int, StepOutput | str]:
+    """(step id, the output) or (step id, "Type: message") for a step that failed on the worker."""
+    try:
+        step_id, status, *rest = msgpack.unpackb(data)
+        if status == "ok":
+            token_ids, logprobs, top = rest
+            top = [None if t is None else [(int(i), float(lp)) for i, lp in t] for t in top]
+            return step_id, StepOutput(token_ids, logprobs, top)
+        kind, message = rest
+        return step_id, f"{kind}: {message}"
+    except Exception as exc:
+        raise StepWireError(f"malformed step reply ({type(exc).__name__}: {exc})") from None
