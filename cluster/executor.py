@@ -15,15 +15,12 @@ import torch
 
 from cluster.errors import WorkerFailure
 from cluster.runtime import Cluster, unwrap_ray_error
-from cluster.step_channel import StepChannel
-from workers.batch import SequenceChunk
+from cluster.step_channel import StepChannel, WorkerStep
 from workers.config import ModelConfig
 from workers.generate import load_model
 from workers.kv_cache import PagedKVCache
 from workers.malloc_tuning import tune_malloc
-from workers.model_runner import ModelRunner, RowSampling, StepOutput
-
-WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
+from workers.model_runner import ModelRunner, StepOutput
 
 
 class StepExecutor(Protocol):

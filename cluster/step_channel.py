@@ -12,9 +12,9 @@ from __future__ import annotations
 import itertools
 
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from cluster.errors import WorkerFailure
+from router.connection_watch import ConnectionWatch
 from workers.batch import SequenceChunk
 from workers.model_runner import RowSampling, StepOutput
 from workers.step_wire import StepWireError, decode_reply, encode_step
@@ -28,18 +28,14 @@ class StepChannel:
         self._ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
-        self._monitor_of: dict[zmq.Socket, int] = {}
-        for worker, endpoint in enumerate(self.endpoints):
+        for endpoint in self.endpoints:
             sock = self._ctx.socket(zmq.DEALER)
             sock.setsockopt(zmq.LINGER, 0)
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
             sock.connect(endpoint)
             self._sockets.append(sock)
             self._poller.register(sock, zmq.POLLIN)
-            self._poller.register(monitor, zmq.POLLIN)
-            self._monitor_of[monitor] = worker
         self._worker_of = {sock: worker for worker, sock in enumerate(self._sockets)}
-        self._lost: set[int] = set()
+        self._watch = ConnectionWatch(dict(enumerate(self._sockets)), self._poller)
         self._step_ids = itertools.count()
         self._closed = False
 
@@ -54,15 +50,15 @@ class StepChannel:
         out: dict[int, StepOutput] = {}
         errors: dict[int, str] = {}
         while waiting:
-            lost = self._lost & waiting
+            lost = self._watch.lost & waiting
             for worker in lost:
                 errors[worker] = f"attention worker {worker} at {self.endpoints[worker]} died (its connection dropped)"
             waiting -= lost
             if not waiting:
                 break
             for sock, _ in self._poller.poll():
-                if sock in self._monitor_of:
-                    self._read_event(sock)
+                if self._watch.owns(sock):
+                    self._watch.read(sock)
                     continue
                 worker = self._worker_of[sock]
                 try:
@@ -84,29 +80,13 @@ class StepChannel:
 
     def lost_workers(self) -> set[int]:
         """Workers whose connection dropped and has not come back (events read so far)."""
-        for monitor in self._monitor_of:
-            self._read_event(monitor)
-        return set(self._lost)
-
-    def _read_event(self, monitor: zmq.Socket) -> None:
-        try:
-            event = recv_monitor_message(monitor, zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        worker = self._monitor_of[monitor]
-        if event["event"] == zmq.EVENT_DISCONNECTED:
-            self._lost.add(worker)
-        elif event["event"] == zmq.EVENT_CONNECTED:
-            self._lost.discard(worker)
+        return self._watch.refresh()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
-        for sock in self._sockets:
-            sock.disable_monitor()
-        for monitor in self._monitor_of:
-            monitor.close()
+        self._watch.close()
         for sock in self._sockets:
             sock.close()
         self._ctx.term()

@@ -17,9 +17,9 @@ from collections.abc import Mapping
 
 import torch
 import zmq
-from zmq.utils.monitor import recv_monitor_message
 
 from router import wire
+from router.connection_watch import ConnectionWatch
 from router.counters import DispatcherCounters
 from router.errors import DispatchTimeout, ExpertWorkerLost, PlacementError, RemoteExpertError, WireError
 from router.placement import PlacementTable
@@ -154,12 +154,7 @@ class Dispatcher:
         self._worker_of = {sock: worker for worker, sock in self._sockets.items()}
         # A dropped TCP connection (the worker's process died) fails the dispatches waiting on it at
         # once instead of at the timeout: its replies can no longer arrive.
-        self._monitor_of: dict[zmq.Socket, int] = {}
-        self._lost: set[int] = set()  # disconnected and not connected again (ZMQ keeps retrying)
-        for worker, sock in self._sockets.items():
-            monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CONNECTED)
-            self._poller.register(monitor, zmq.POLLIN)
-            self._monitor_of[monitor] = worker
+        self._watch = ConnectionWatch(self._sockets, self._poller)
         self._req_ids = itertools.count()
         # Dispatches whose replies may still arrive; a dropped PendingDispatch leaves on its own.
         self._pending: weakref.WeakValueDictionary[int, PendingDispatch] = weakref.WeakValueDictionary()
@@ -218,10 +213,7 @@ class Dispatcher:
         if self._closed:
             return
         self._closed = True
-        for sock in self._sockets.values():
-            sock.disable_monitor()
-        for monitor in self._monitor_of:
-            monitor.close()
+        self._watch.close()
         for sock in self._sockets.values():
             sock.close()
         self._ctx.term()
@@ -251,9 +243,8 @@ class Dispatcher:
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""
         while pending._rows:
-            if self._lost:
-                for monitor in self._monitor_of:  # a lost worker may have come back meanwhile
-                    self._disconnected(monitor)
+            if self._watch.lost:
+                self._watch.refresh()  # a lost worker may have come back meanwhile
                 if self._fail_if_lost(pending):
                     return
             remaining_s = pending._deadline_s - time.monotonic()
@@ -265,28 +256,15 @@ class Dispatcher:
                 return
             # One message per readable socket, then poll again: cheaper than reading until zmq.Again.
             for sock, _ in self._poller.poll(remaining_s * 1000):
-                if sock in self._monitor_of:
-                    self._disconnected(sock)
-                else:
+                if not self._watch.owns(sock):
                     self._receive(sock)
+                elif self._watch.read(sock):
+                    for owner in list(self._pending.values()):
+                        self._fail_if_lost(owner)
         self._pending.pop(pending.req, None)
 
-    def _disconnected(self, monitor: zmq.Socket) -> None:
-        """Read one connection event of a worker: mark it lost (failing what waits on it) or back."""
-        worker = self._monitor_of[monitor]
-        try:
-            event = recv_monitor_message(monitor, zmq.NOBLOCK)
-        except zmq.Again:
-            return
-        if event["event"] == zmq.EVENT_CONNECTED:
-            self._lost.discard(worker)
-            return
-        self._lost.add(worker)
-        for owner in list(self._pending.values()):
-            self._fail_if_lost(owner)
-
     def _fail_if_lost(self, pending: PendingDispatch) -> bool:
-        lost = sorted(self._lost.intersection(pending._rows))
+        lost = sorted(self._watch.lost.intersection(pending._rows))
         if not lost:
             return False
         self._pending.pop(pending.req, None)
