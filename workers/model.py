@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Generator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from torch import nn
@@ -28,7 +29,18 @@ from workers.moe import MoE
 
 # The MTP layer's copies of the embedding and head: GLM-4.6+ drop them; they equal the main
 # weights, so the model always uses ``model.embed_tokens`` and ``lm_head`` (as SGLang and HF5).
+_T = TypeVar("_T")
+
 MTP_SHARED_COPY = re.compile(r"^model\.layers\.(\d+)\.(embed_tokens|shared_head\.head)\.weight$")
+
+
+def run_to_end(stages: Generator[None, None, _T]) -> _T:
+    """Run a staged computation (``DecoderLayer.stages``) without pausing; its result."""
+    while True:
+        try:
+            next(stages)
+        except StopIteration as done:
+            return done.value
 
 
 class DecoderLayer(nn.Module):
@@ -47,8 +59,7 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
                 kv: PagedKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope, *kv.layer(self.layer_index))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        return run_to_end(self.stages(x, batch, rope, kv))
 
     def stages(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
                kv: PagedKVCache) -> Generator[None, None, torch.Tensor]:
@@ -153,12 +164,7 @@ class Glm4MoeForCausalLM(nn.Module):
     # ---- forwards --------------------------------------------------------------------------
     @torch.inference_mode()
     def forward(self, batch: ForwardBatch, kv: PagedKVCache) -> ForwardOutput:
-        x = self.model.embed_tokens(batch.token_ids)
-        rope = self.rotary.cos_sin(batch.positions, x.dtype)
-        for layer in self.model.layers[: self.config.num_hidden_layers]:
-            x = layer(x, batch, rope, kv)
-        hidden = self.model.norm(x)
-        return ForwardOutput(hidden, self.lm_head(hidden[batch.logits_indices]))
+        return run_to_end(self._stages(batch, kv))
 
     @torch.inference_mode()
     def forward_overlapped(self, batches: list[ForwardBatch], kv: PagedKVCache) -> list[ForwardOutput]:
