@@ -38,9 +38,10 @@ class ExpertWorker:
 
     def _compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
                  pair_weight: torch.Tensor) -> torch.Tensor:
-        """The server's compute: frames arrive and leave in host memory, the experts may sit on a GPU."""
-        if self.device.type == "cpu":
-            return self.shard.compute(layer, x, pair_token, pair_expert, pair_weight)
+        """The server's compute: frames arrive and leave in host memory, the experts may sit on a GPU.
+
+        On the CPU ``.to(device)`` and ``.cpu()`` return their tensor itself, without a copy.
+        """
         dev = self.device
         return self.shard.compute(layer, x.to(dev), pair_token.to(dev), pair_expert.to(dev),
                                   pair_weight.to(dev)).cpu()
