@@ -2,8 +2,9 @@
 
 ``ExpertShard`` holds the SwiGLU weights of a set of experts for every MoE layer (stacked as
 ``gate_up`` [E, 2I, H] and ``down`` [E, H, I]) and computes them grouped by expert: one matmul
-pair per expert hit, never a Python loop over tokens. The same ``compute`` serves the
-in-process backend (``LocalExperts``) and an expert worker's server loop.
+pair per expert hit, or two padded batched matmuls over all held experts when the experts are
+small; never a Python loop over tokens. The same ``compute`` serves the in-process backend
+(``LocalExperts``) and an expert worker's server loop.
 
 An ``ExpertBackend`` is what the MoE block calls: ``submit`` starts the routed computation and
 returns a ``PendingExperts`` whose ``result()`` gives the weighted sum; the block computes the
@@ -14,12 +15,18 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Iterable
+from itertools import accumulate
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
 
 from workers.config import ModelConfig
+
+# What one expert's matmul pair costs in fixed overhead (about 10 torch calls of a few µs each),
+# counted as floating-point operations of a CPU core: the padded path is taken when the padding
+# rows it computes in vain cost less arithmetic than the per-expert overhead it saves.
+PER_EXPERT_OVERHEAD_FLOPS = 1_000_000
 
 EXPERT_TENSOR = re.compile(r"^model\.layers\.(\d+)\.mlp\.experts\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
 
@@ -101,6 +108,9 @@ class ExpertShard:
 
         Pairs are sorted by expert once and their rows of x gathered once, so each expert runs on a
         contiguous slice; the weighted outputs are scattered back with a single ``index_add_``.
+        When padding every held expert to the largest group wastes less arithmetic than the
+        per-expert overhead it saves (``PER_EXPERT_OVERHEAD_FLOPS``: small experts, as in the tiny
+        checkpoints), the groups run as two batched matmuls over all held experts instead.
         Raises KeyError for a layer not held here, IndexError for an expert id outside the model
         and ValueError for an expert held by another worker.
         """
@@ -116,20 +126,52 @@ class ExpertShard:
         order = torch.argsort(local, stable=True)
         rows = pair_token.index_select(0, order)
         xs = x.index_select(0, rows)  # [P, H], grouped by expert
-        ys = torch.empty_like(xs)
-        start = 0
-        for e_local, count in enumerate(counts[:num_local]):
-            if count == 0:
-                continue
-            end = start + count
-            gate, up = F.linear(xs[start:end], gate_up[e_local].to(x.dtype)).chunk(2, dim=-1)
-            torch.mm(F.silu(gate) * up, down[e_local].to(x.dtype).t(), out=ys[start:end])
-            start = end
+        max_count = max(counts[:num_local], default=0)
+        experts_hit = num_local - counts[:num_local].count(0)
+        padding_rows = num_local * max_count - len(rows)
+        flops_per_row = 6 * gate_up.shape[2] * down.shape[2]
+        if gate_up.dtype == x.dtype and rows.numel() and \
+                padding_rows * flops_per_row <= experts_hit * PER_EXPERT_OVERHEAD_FLOPS:
+            ys = self._padded(gate_up, down, xs, local.index_select(0, order), counts, max_count)
+        else:
+            ys = self._per_expert(gate_up, down, xs, counts[:num_local])
         # Weigh and sum in float32, as the reference does (its fp32 routing weights promote the product).
         weight = pair_weight.index_select(0, order).float().unsqueeze(1)
         weighted = ys.mul_(weight) if ys.dtype == torch.float32 else ys * weight
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, weighted)
         return out.to(x.dtype)
+
+    @staticmethod
+    def _per_expert(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """SwiGLU of rows grouped by expert: a matmul pair per expert hit, on its contiguous slice."""
+        ys = torch.empty_like(xs)
+        start = 0
+        for e_local, count in enumerate(counts):
+            if count == 0:
+                continue
+            end = start + count
+            gate, up = F.linear(xs[start:end], gate_up[e_local].to(xs.dtype)).chunk(2, dim=-1)
+            torch.mm(F.silu(gate) * up, down[e_local].to(xs.dtype).t(), out=ys[start:end])
+            start = end
+        return ys
+
+    @staticmethod
+    def _padded(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, sorted_local: torch.Tensor,
+                counts: list[int], max_count: int) -> torch.Tensor:
+        """The same SwiGLU as two batched matmuls over every held expert, each padded to ``max_count`` rows.
+
+        Row p of expert e goes to slot ``e * max_count + (p - first row of e)``; slots without a
+        row stay zero and are never read back. A fixed handful of operations whatever the number
+        of experts hit, so it wins when per-operation overhead, not arithmetic, dominates.
+        """
+        num_local = gate_up.shape[0]
+        first_row = torch.tensor([0, *accumulate(counts[:num_local - 1])], dtype=torch.long, device=xs.device)
+        slot = sorted_local * max_count + torch.arange(xs.shape[0], device=xs.device) - first_row[sorted_local]
+        padded = xs.new_zeros(num_local * max_count, xs.shape[1]).index_copy_(0, slot, xs)
+        hidden = torch.bmm(padded.view(num_local, max_count, -1), gate_up.transpose(1, 2))  # [E, C, 2I]
+        gate, up = hidden.chunk(2, dim=-1)
+        out = torch.bmm(F.silu(gate) * up, down.transpose(1, 2))                          # [E, C, H]
+        return out.view(num_local * max_count, -1).index_select(0, slot)
 
 
 class _Done:

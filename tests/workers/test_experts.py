@@ -2,6 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from workers import experts
 from workers.experts import ExpertShard, topk_to_pairs
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE, LAYER = 8, 16, 8, 1
@@ -31,8 +32,12 @@ def routing(num_tokens: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return x, *topk_to_pairs(ids, torch.rand(num_tokens, k, generator=gen))
 
 
+# 0: always a matmul pair per expert; 10**12: always the padded batched matmuls
+@pytest.mark.parametrize("overhead_flops", [0, 10**12])
 @pytest.mark.parametrize("num_tokens", [0, 1, 5, 40])
-def test_compute_matches_pair_by_pair_reference(num_tokens: int) -> None:
+def test_compute_matches_pair_by_pair_reference(num_tokens: int, overhead_flops: int,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(experts, "PER_EXPERT_OVERHEAD_FLOPS", overhead_flops)
     shard, gate_up, down = make_shard(list(range(NUM_EXPERTS)))
     x, pair_token, pair_expert, pair_weight = routing(num_tokens, 3, seed=num_tokens)
     got = shard.compute(LAYER, x, pair_token, pair_expert, pair_weight)
@@ -41,7 +46,10 @@ def test_compute_matches_pair_by_pair_reference(num_tokens: int) -> None:
                                rtol=1e-5, atol=1e-5)
 
 
-def test_compute_takes_pairs_in_any_order_and_a_subset_of_experts() -> None:
+@pytest.mark.parametrize("overhead_flops", [0, 10**12])
+def test_compute_takes_pairs_in_any_order_and_a_subset_of_experts(overhead_flops: int,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(experts, "PER_EXPERT_OVERHEAD_FLOPS", overhead_flops)
     held = [1, 4, 6]
     shard, gate_up, down = make_shard(held)
     gen = torch.Generator().manual_seed(1)
