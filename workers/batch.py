@@ -34,6 +34,32 @@ class SequenceChunk:
         return self.start_position + len(self.token_ids)
 
 
+@dataclass(frozen=True)
+class DecodeGroup:
+    """Decode rows whose attention runs as one padded computation."""
+
+    rows: torch.Tensor     # [B] rows of single-token sequences
+    blocks: torch.Tensor   # [B, Nmax] their block tables (padded with block 0)
+    mask: torch.Tensor     # [B, Nmax * block_size] True where a slot holds context
+
+
+def group_decode_rows(context_lens: list[int], block_size_tokens: int, max_slots: int | None) -> list[list[int]]:
+    """Indices of decode sequences, shortest context first, cut into groups of at most ``max_slots``
+    padded slots each (sequences x the group's longest context, whole blocks); a group always takes
+    at least one sequence. ``None``: one group. Sorting by length keeps the padding small."""
+    order = sorted(range(len(context_lens)), key=context_lens.__getitem__)
+    if max_slots is None:
+        return [order] if order else []
+    groups: list[list[int]] = []
+    for i in order:
+        width = -(-context_lens[i] // block_size_tokens) * block_size_tokens
+        if groups and (len(groups[-1]) + 1) * width <= max_slots:
+            groups[-1].append(i)
+        else:
+            groups.append([i])
+    return groups
+
+
 @dataclass
 class ForwardBatch:
     token_ids: torch.Tensor            # [T] int64
@@ -42,9 +68,7 @@ class ForwardBatch:
     query_lens: list[int]
     context_lens: list[int]            # KV length of each sequence after this step
     logits_indices: torch.Tensor       # [N] rows of the flat batch that get logits
-    decode_rows: torch.Tensor          # [B] rows of single-token sequences
-    decode_blocks: torch.Tensor        # [B, Nmax] their block tables (padded with block 0)
-    decode_mask: torch.Tensor          # [B, Nmax * block_size] True where a slot holds context
+    decode_groups: list[DecodeGroup]   # the single-token sequences, grouped by context length
     block_size_tokens: int
     # per multi-token chunk: (first row, rows, its blocks [n], causal mask [rows, n * block_size])
     prefill_segments: list[tuple[int, int, torch.Tensor, torch.Tensor]] = field(default_factory=list)
@@ -55,11 +79,12 @@ class ForwardBatch:
 
 
 def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
-                device: torch.device | str = "cpu") -> ForwardBatch:
+                device: torch.device | str = "cpu", decode_group_slots: int | None = None) -> ForwardBatch:
     """Flatten ``chunks`` into one ForwardBatch (sequences keep their order).
 
     Attention reads whole blocks (one contiguous copy per block), so decode rows carry their
-    padded block tables and a mask over the slots those blocks span.
+    padded block tables and a mask over the slots those blocks span. Decode rows are grouped
+    by context length (``group_decode_rows``, at most ``decode_group_slots`` padded slots a group).
     """
     if not chunks:
         raise ValueError("build_batch needs at least one sequence chunk")
@@ -101,13 +126,14 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
                              mask.to(device)))
         row += n
 
-    if decode_rows:
-        max_blocks = max(len(t) for t in decode_tables)
-        decode_blocks = torch.tensor([t + [0] * (max_blocks - len(t)) for t in decode_tables], dtype=torch.long)
-        decode_mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor(decode_lens)[:, None]
-    else:
-        decode_blocks = torch.zeros(0, 0, dtype=torch.long)
-        decode_mask = torch.zeros(0, 0, dtype=torch.bool)
+    decode_groups = []
+    for group in group_decode_rows(decode_lens, bs, decode_group_slots):
+        max_blocks = max(len(decode_tables[i]) for i in group)
+        blocks = torch.tensor([decode_tables[i] + [0] * (max_blocks - len(decode_tables[i])) for i in group],
+                              dtype=torch.long)
+        mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor([decode_lens[i] for i in group])[:, None]
+        decode_groups.append(DecodeGroup(torch.tensor([decode_rows[i] for i in group], dtype=torch.long,
+                                                      device=device), blocks.to(device), mask.to(device)))
 
     return ForwardBatch(
         token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
@@ -116,9 +142,7 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         query_lens=[len(c.token_ids) for c in chunks],
         context_lens=[c.end_position for c in chunks],
         logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
-        decode_rows=torch.tensor(decode_rows, dtype=torch.long, device=device),
-        decode_blocks=decode_blocks.to(device),
-        decode_mask=decode_mask.to(device),
+        decode_groups=decode_groups,
         block_size_tokens=bs,
         prefill_segments=segments,
     )

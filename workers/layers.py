@@ -24,9 +24,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        normed = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * normed.to(x.dtype)
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts: one fused call
+            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+        return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding:
@@ -103,25 +103,25 @@ class Attention(nn.Module):
 
         Context is read a whole block at a time, per KV head: the head-major cache makes each
         head's gathered context one contiguous [L, D] matrix. Decode rows (one query each) are
-        batched into one padded computation; prefill chunks run one call per sequence.
+        batched into one padded computation per group of similar context lengths; prefill chunks
+        run one call per sequence.
         """
         out = torch.empty_like(q)
         block_width = batch.block_size_tokens * self.head_dim
         k_blocks = k_cache.view(self.num_kv_heads, -1, block_width)    # [Hkv, num_blocks, bs * D]
         v_blocks = v_cache.view(self.num_kv_heads, -1, block_width)
-        if batch.decode_rows.numel():
-            rows = batch.decode_rows
-            num_seqs = rows.shape[0]
-            keys = _gather_blocks(k_blocks, batch.decode_blocks, self.head_dim)   # [Hkv, B, L, D]
-            values = _gather_blocks(v_blocks, batch.decode_blocks, self.head_dim)
-            queries = q.index_select(0, rows)                                      # [B, Hq, D]
+        for group in batch.decode_groups:
+            num_seqs = group.rows.shape[0]
+            keys = _gather_blocks(k_blocks, group.blocks, self.head_dim)   # [Hkv, B, L, D]
+            values = _gather_blocks(v_blocks, group.blocks, self.head_dim)
+            queries = q.index_select(0, group.rows)                        # [B, Hq, D]
             if q.device.type == "cpu":
-                attn = self._decode_cpu(queries, keys, values, batch.decode_mask)
+                attn = self._decode_cpu(queries, keys, values, group.mask)
             else:
                 attn = F.scaled_dot_product_attention(
                     queries[:, :, None, :], keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
-                    attn_mask=batch.decode_mask[:, None, None, :], scale=self.scale, enable_gqa=True)[:, :, 0, :]
-            out[rows] = attn.reshape(num_seqs, self.num_heads, self.head_dim).to(q.dtype)
+                    attn_mask=group.mask[:, None, None, :], scale=self.scale, enable_gqa=True)[:, :, 0, :]
+            out[group.rows] = attn.reshape(num_seqs, self.num_heads, self.head_dim).to(q.dtype)
         for start, length, blocks, mask in batch.prefill_segments:
             keys = _gather_blocks(k_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]  # [1, Hkv, L, D]
             values = _gather_blocks(v_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]

@@ -19,6 +19,11 @@ from workers.sampling import Sampler, SamplingParams
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads consecutive draw indices of one seed far apart
 
+# On the CPU, decode attention gathers each group's keys (and values) into one padded tensor; past
+# about a core's cache size the gather and the matmuls reading it slow down by half, so groups of
+# similar context lengths are cut to gather at most this many bytes of keys each.
+CPU_DECODE_GROUP_BYTES = 1 << 20
+
 
 @dataclass(frozen=True)
 class RowSampling:
@@ -72,14 +77,19 @@ class ModelRunner:
         self.kv = kv
         self.micro_batches = micro_batches
         self.sampler = Sampler()
+        self.decode_group_slots: int | None = None  # one group: the GPU path attends in one call
+        if kv.k.device.type == "cpu":
+            slot_bytes = kv.k.shape[1] * kv.k.shape[3] * kv.k.element_size()
+            self.decode_group_slots = max(kv.block_size_tokens, CPU_DECODE_GROUP_BYTES // slot_bytes)
 
     def logits(self, chunks: list[SequenceChunk]) -> torch.Tensor:
         device = self.kv.k.device
         if self.micro_batches > 1 and len(chunks) > 1:
-            batches = [build_batch(group, self.kv.block_size_tokens, device)
+            batches = [build_batch(group, self.kv.block_size_tokens, device, self.decode_group_slots)
                        for group in split_chunks(chunks, self.micro_batches)]
             return torch.cat([out.logits for out in self.model.forward_overlapped(batches, self.kv)])
-        return self.model.forward(build_batch(chunks, self.kv.block_size_tokens, device), self.kv).logits
+        batch = build_batch(chunks, self.kv.block_size_tokens, device, self.decode_group_slots)
+        return self.model.forward(batch, self.kv).logits
 
     def execute(self, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> StepOutput:
         """Forward ``chunks``; sample one token for each chunk that asks for logits (in order)."""
