@@ -520,7 +520,8 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         f"{args.output_len[0]}-{args.output_len[1]} tokens (seed {args.seed}, greedy, `ignore_eos`), {mode}; "
         f"tiny \"{args.preset}\" checkpoint ({preset_summary(args.preset)}), float32. "
         f"`cluster`: `Engine.create` on local Ray "
-        f"(1 attention + 2 expert workers); `local`: `Engine.create_local`; `hf-static`: transformers "
+        f"({args.attention_workers} attention + {args.expert_workers} expert workers); "
+        "`local`: `Engine.create_local`; `hf-static`: transformers "
         f"`generate` on static left-padded batches of `concurrency` requests. TTFT and TPOT in ms.", "",
         results_table(results), "",
         "Output tokens/s relative to each other (padded tokens: share of the tokens static batches "
@@ -568,6 +569,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process (local engine, transformers)")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each cluster worker")
+    parser.add_argument("--attention-workers", type=int, default=1, help="attention workers of the cluster")
+    parser.add_argument("--expert-workers", type=int, default=2, help="expert workers of the cluster")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches per cluster step taking turns while the experts compute")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
@@ -618,7 +621,8 @@ def main(argv: list[str] | None = None) -> None:
         requests = make_requests(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed,
                                  args.request_rate)
         warmup = make_requests(max(concurrencies), (16, 64), (4, 8), vocab, args.seed + 1, None)
-        config = EngineConfig(checkpoint=checkpoint, address="local", num_attention_workers=1, num_expert_workers=2,
+        config = EngineConfig(checkpoint=checkpoint, address="local", num_attention_workers=args.attention_workers,
+                              num_expert_workers=args.expert_workers,
                               num_kv_blocks=args.num_kv_blocks, block_size_tokens=16,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               max_num_seqs=max(256, max(concurrencies)), threads_per_worker=args.threads_per_worker,
