@@ -15,6 +15,27 @@ from workers.batch import ForwardBatch
 from workers.config import ModelConfig
 
 
+def fuse_linears(*linears: nn.Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for several linears of the same input, stacked along the outputs.
+
+    Each linear's parameters become views of the stacked tensors, so the model keeps one copy of
+    its weights and its checkpoint names; one matmul then computes every output at once.
+    """
+    weight = torch.cat([lin.weight.detach() for lin in linears])
+    has_bias = [lin.bias is not None for lin in linears]
+    if any(has_bias) and not all(has_bias):
+        raise ValueError("fuse_linears: either every linear has a bias or none has")
+    bias = torch.cat([lin.bias.detach() for lin in linears]) if all(has_bias) else None  # type: ignore[union-attr]
+    row = 0
+    for lin in linears:
+        rows = lin.weight.shape[0]
+        lin.weight = nn.Parameter(weight[row:row + rows], requires_grad=False)
+        if bias is not None:
+            lin.bias = nn.Parameter(bias[row:row + rows], requires_grad=False)
+        row += rows
+    return weight, bias
+
+
 class RMSNorm(nn.Module):
     """``w * (x_f32 * rsqrt(mean(x_f32²) + eps)).to(input dtype)`` — cast before the weight, as HF."""
 
@@ -72,6 +93,11 @@ class Attention(nn.Module):
         if self.use_qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute q, k and v with one matmul from here on (``fuse_linears``)."""
+        self._qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -83,15 +109,22 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x [T, H] → [T, H]; k_cache/v_cache are this layer's slot tensors [Hkv, num_slots, D]."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
-        k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
-        if self.use_qk_norm:  # before RoPE (GLM45.md §2)
-            q = self.q_norm(q)
-            k = self.k_norm(k)
         cos, sin = rope
-        q = RotaryEmbedding.apply(q, cos, sin)
-        k = RotaryEmbedding.apply(k, cos, sin)
+        heads = self.num_heads + self.num_kv_heads  # q's heads, then k's
+        if self._qkv is not None:
+            qkv = F.linear(x, *self._qkv).view(num_tokens, heads + self.num_kv_heads, self.head_dim)
+            qk, v = qkv[:, :heads], qkv[:, heads:]
+            if self.use_qk_norm:  # before RoPE (GLM45.md §2)
+                qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
+        else:
+            q = self.q_proj(x).view(num_tokens, self.num_heads, self.head_dim)
+            k = self.k_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            v = self.v_proj(x).view(num_tokens, self.num_kv_heads, self.head_dim)
+            if self.use_qk_norm:
+                q, k = self.q_norm(q), self.k_norm(k)
+            qk = torch.cat((q, k), dim=1)
+        qk = RotaryEmbedding.apply(qk, cos, sin)  # q and k rotate alike: one call for both
+        q, k = qk[:, :self.num_heads], qk[:, self.num_heads:]
         k_cache.index_copy_(1, batch.slot_mapping, k.transpose(0, 1).to(k_cache.dtype))
         v_cache.index_copy_(1, batch.slot_mapping, v.transpose(0, 1).to(v_cache.dtype))
         out = self._attend(q, batch, k_cache, v_cache)
@@ -121,7 +154,7 @@ class Attention(nn.Module):
                 attn = F.scaled_dot_product_attention(
                     queries[:, :, None, :], keys.transpose(0, 1).to(q.dtype), values.transpose(0, 1).to(q.dtype),
                     attn_mask=group.mask[:, None, None, :], scale=self.scale, enable_gqa=True)[:, :, 0, :]
-            out[group.rows] = attn.reshape(num_seqs, self.num_heads, self.head_dim).to(q.dtype)
+            out.index_copy_(0, group.rows, attn.reshape(num_seqs, self.num_heads, self.head_dim).to(q.dtype))
         for start, length, blocks, mask in batch.prefill_segments:
             keys = _gather_blocks(k_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]  # [1, Hkv, L, D]
             values = _gather_blocks(v_blocks, blocks[None], self.head_dim)[:, 0].to(q.dtype)[None]
@@ -166,5 +199,14 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
+        self._gate_up: torch.Tensor | None = None
+
+    def fuse_projections(self) -> None:
+        """Compute gate and up with one matmul from here on (``fuse_linears``)."""
+        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)[0]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._gate_up is not None:
+            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

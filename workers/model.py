@@ -137,7 +137,15 @@ class Glm4MoeForCausalLM(nn.Module):
             if tuple(tensors[name].shape) != tuple(meta.shape):
                 raise ValueError(f"tensor {name}: shape {tuple(tensors[name].shape)}, expected {tuple(meta.shape)}")
         model.load_state_dict({k: tensors[k] for k in expected}, assign=True, strict=True)
-        return model.to(device).eval()
+        model = model.to(device).eval()
+        model.fuse_projections()  # on the final device: the checkpoint-named parameters become views
+        return model
+
+    def fuse_projections(self) -> None:
+        """q/k/v of every attention, gate/up of every SwiGLU: one matmul each (``layers.fuse_linears``)."""
+        for module in self.modules():
+            if isinstance(module, (Attention, MLP)):
+                module.fuse_projections()
 
     @staticmethod
     def owns_tensor(config: ModelConfig) -> Callable[[str], bool]:

@@ -1,5 +1,6 @@
-"""Decode rows grouped by context length: the grouping rule, and that any grouping leaves every
-row's logits as they are in one padded group."""
+"""Faster ways to compute a step that must not change it: decode rows grouped by context length
+(the grouping rule; any grouping leaves each row's logits as one padded group gives them) and
+q/k/v and gate/up projections fused into one matmul each."""
 
 from __future__ import annotations
 
@@ -39,3 +40,18 @@ def test_grouped_decode_gives_the_logits_of_one_group(tiny_checkpoint, group_slo
     assert sorted(r for g in batch.decode_groups for r in g.rows.tolist()) == [0, 10, 11, 12, 13]
     # other padding lengths may change the last bits of a sum, nothing more
     torch.testing.assert_close(model.forward(batch, kv).logits, want, atol=1e-5, rtol=0)
+
+
+def test_fused_projections_give_the_logits_of_separate_ones(tiny_checkpoint):
+    """load_model fuses q/k/v and gate/up into one matmul each; the separate linears give the same."""
+    model = load_model(tiny_checkpoint("glm45"))
+    kv = PagedKVCache(model.config, num_blocks=32, block_size_tokens=4)
+    chunks = [SequenceChunk(list(range(3, 3 + n)), 0, kv.allocator.allocate(5), num_logits=n) for n in (7, 1, 12)]
+    fused = model.forward(build_batch(chunks, 4), kv).logits
+    attention = model.model.layers[0].self_attn
+    assert attention.q_proj.weight.untyped_storage().data_ptr() == attention.k_proj.weight.untyped_storage().data_ptr()
+    for module in model.modules():
+        for name in ("_qkv", "_gate_up"):
+            if getattr(module, name, None) is not None:
+                setattr(module, name, None)
+    torch.testing.assert_close(model.forward(build_batch(chunks, 4), kv).logits, fused, atol=1e-5, rtol=0)
