@@ -112,7 +112,10 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         token_ids.extend(chunk.token_ids)
         span = range(chunk.start_position, end)
         positions.extend(span)
-        slots.extend(table[p // bs] * bs + p % bs for p in span)
+        if n == 1:
+            slots.append(table[chunk.start_position // bs] * bs + chunk.start_position % bs)
+        else:
+            slots.extend(table[p // bs] * bs + p % bs for p in span)
         logits_rows.extend(range(row + n - chunk.num_logits, row + n))
         if n == 1:
             decode_rows.append(row)
@@ -135,13 +138,16 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         decode_groups.append(DecodeGroup(torch.tensor([decode_rows[i] for i in group], dtype=torch.long,
                                                       device=device), blocks.to(device), mask.to(device)))
 
+    # the per-row index tensors in one tensor (one conversion, one copy to the device), then views
+    flat = torch.tensor(token_ids + positions + slots + logits_rows, dtype=torch.long).to(device)
+    token_t, position_t, slot_t, logits_t = flat.split([row, row, row, len(logits_rows)])
     return ForwardBatch(
-        token_ids=torch.tensor(token_ids, dtype=torch.long, device=device),
-        positions=torch.tensor(positions, dtype=torch.long, device=device),
-        slot_mapping=torch.tensor(slots, dtype=torch.long, device=device),
+        token_ids=token_t,
+        positions=position_t,
+        slot_mapping=slot_t,
         query_lens=[len(c.token_ids) for c in chunks],
         context_lens=[c.end_position for c in chunks],
-        logits_indices=torch.tensor(logits_rows, dtype=torch.long, device=device),
+        logits_indices=logits_t,
         decode_groups=decode_groups,
         block_size_tokens=bs,
         prefill_segments=segments,
