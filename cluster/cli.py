@@ -105,7 +105,8 @@ async def serve(args: argparse.Namespace) -> None:
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, threads_per_worker=args.threads_per_worker,
         micro_batches=args.micro_batches,
-        start_timeout_s=args.start_timeout, dispatch_timeout_s=args.dispatch_timeout, model_name=args.name)
+        start_timeout_s=args.start_timeout, dispatch_timeout_s=args.dispatch_timeout, step_timeout_s=args.step_timeout,
+        model_name=args.name)
     done = threading.Event()
     ticker = threading.Thread(target=_progress, daemon=True, args=(
         f"loading {checkpoint.name} into {args.attention_workers} attention + {args.expert_workers} expert "
@@ -155,6 +156,8 @@ def serve_main(argv: Sequence[str]) -> None:
                         help="seconds every worker may take to load its weights")
     parser.add_argument("--dispatch-timeout", type=float, default=30.0,
                         help="seconds an expert worker may take to answer one dispatch")
+    parser.add_argument("--step-timeout", type=float, default=120.0,
+                        help="seconds an attention worker may take to answer one step (> --dispatch-timeout)")
     parser.add_argument("--max-waiting-requests", type=int, default=1024,
                         help="queue limit; beyond it RESOURCE_EXHAUSTED")
     parser.add_argument("--grace-s", type=float, default=10.0, help="how long Ctrl-C lets requests finish")

@@ -60,6 +60,7 @@ class EngineConfig:
     num_kv_blocks: int = 1024
     block_size_tokens: int = 16
     dispatch_timeout_s: float = 30.0
+    step_timeout_s: float = 120.0
     start_timeout_s: float = 180.0
     threads_per_worker: int = 1
     micro_batches: int = 1

@@ -82,7 +82,7 @@ class ClusterExecutor:
         self.num_kv_blocks = cluster.config.num_kv_blocks
         self.block_size_tokens = cluster.config.block_size_tokens
         self._failed: set[tuple[str, int]] = set()
-        self.channel = StepChannel(cluster.step_endpoints)
+        self.channel = StepChannel(cluster.step_endpoints, cluster.config.step_timeout_s)
 
     def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
         try:

@@ -43,6 +43,7 @@ class ClusterConfig:
     num_kv_blocks: int = 1024
     block_size_tokens: int = 16
     dispatch_timeout_s: float = 30.0
+    step_timeout_s: float = 120.0  # an attention worker's answer to one step (longer than a dispatch)
     start_timeout_s: float = 180.0
     threads_per_worker: int = 1
     micro_batches: int = 1  # > 1: per attention-worker step, taking turns while the experts compute
@@ -66,6 +67,9 @@ class ClusterConfig:
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"ClusterConfig.{name}={getattr(self, name)!r} is invalid")
+        if not self.step_timeout_s > self.dispatch_timeout_s:  # so a hung expert worker is named, not its caller
+            raise ValueError(f"ClusterConfig.step_timeout_s={self.step_timeout_s!r} must exceed "
+                             f"dispatch_timeout_s={self.dispatch_timeout_s!r}")
         if not (self.address in ("local", "auto") or self.address.startswith("ray://")):
             raise ValueError(f"ClusterConfig.address={self.address!r}: use 'local', 'auto' or 'ray://host:port'")
 

@@ -3,13 +3,16 @@
 One DEALER socket per attention worker; ``run`` sends each worker its step (``workers.step_wire``)
 and waits for every reply. The steps of different workers run concurrently. A worker whose
 connection drops (its process died) fails the step at once through a ZMQ socket monitor; a step
-that failed on the worker comes back as an error reply. Both raise ``WorkerFailure``. Used from
-one thread at a time.
+that failed on the worker comes back as an error reply, and a worker that does not answer within
+``timeout_s`` (hung, or its process stopped) fails the step when the time is up; all three raise
+``WorkerFailure``. A late answer to a failed step is read and dropped. Used from one thread at a
+time.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 
 import zmq
 
@@ -23,8 +26,9 @@ WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
 
 
 class StepChannel:
-    def __init__(self, endpoints: list[str]) -> None:
+    def __init__(self, endpoints: list[str], timeout_s: float | None = None) -> None:
         self.endpoints = list(endpoints)
+        self.timeout_s = timeout_s
         self._ctx = zmq.Context()
         self._sockets: list[zmq.Socket] = []
         self._poller = zmq.Poller()
@@ -49,14 +53,21 @@ class StepChannel:
         waiting = set(steps)
         out: dict[int, StepOutput] = {}
         errors: dict[int, str] = {}
+        deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
         while waiting:
             lost = self._watch.lost & waiting
             for worker in lost:
                 errors[worker] = f"attention worker {worker} at {self.endpoints[worker]} died (its connection dropped)"
             waiting -= lost
+            left_ms = None if deadline is None else max(0, round((deadline - time.monotonic()) * 1000))
+            if waiting and left_ms == 0:
+                for worker in waiting:
+                    errors[worker] = (f"attention worker {worker} at {self.endpoints[worker]} did not answer step "
+                                      f"{step_id} within {self.timeout_s:g} s (hung or stopped)")
+                waiting.clear()
             if not waiting:
                 break
-            for sock, _ in self._poller.poll():
+            for sock, _ in self._poller.poll(left_ms):
                 if self._watch.owns(sock):
                     self._watch.read(sock)
                     continue

@@ -71,10 +71,14 @@ def test_default_checkpoint_built_once(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["tiny-air-0"]
 
 
-def test_serve_with_bad_settings_exits_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize(("flags", "named"), [
+    (["--expert-workers", "0"], "num_expert_workers"),
+    (["--step-timeout", "5", "--dispatch-timeout", "30"], "step_timeout_s=5.0 must exceed dispatch_timeout_s=30.0"),
+])
+def test_serve_with_bad_settings_exits_with_a_message_not_a_traceback(tmp_path, monkeypatch, capsys, flags, named):
     monkeypatch.setenv("MOECLUSTER_HOME", str(tmp_path))
     with pytest.raises(SystemExit) as exit_info:
-        cli.main(["serve", "--expert-workers", "0", "--port", "0"])
+        cli.main(["serve", *flags, "--port", "0"])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
-    assert "moecluster serve: error:" in err and "num_expert_workers" in err and "Traceback" not in err
+    assert "moecluster serve: error:" in err and named in err and "Traceback" not in err

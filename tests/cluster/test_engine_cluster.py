@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import random
+import signal
 
 import pytest
 import ray
@@ -77,3 +79,24 @@ def test_a_dead_expert_worker_ends_requests_with_an_error_not_a_hang(local_ray, 
     results, in_use, ready = _serve(engine, body)
     assert all(finish == "abort" and error and "worker 0" in error for _, finish, error in results)
     assert in_use == 0 and not ready
+
+
+def test_a_stopped_attention_worker_ends_requests_with_an_error_not_a_hang(local_ray, tiny_checkpoint):
+    """SIGSTOP freezes the worker with its connections open: only the step timeout can notice."""
+    engine = Engine.create(EngineConfig(str(tiny_checkpoint("air")), dispatch_timeout_s=1.0, step_timeout_s=2.0,
+                                        num_kv_blocks=256, block_size_tokens=4))
+    pid = ray.get(engine.executor.cluster.attention[0].ready.remote())["pid"]
+
+    async def body():
+        task = asyncio.ensure_future(_tokens(engine, [(p, 400) for p, _ in _requests(4)]))
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            results = await asyncio.wait_for(task, timeout=60)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        return results, engine.kv_blocks_in_use()
+    results, in_use = _serve(engine, body)
+    assert all(finish == "abort" and "attention worker 0" in error and "did not answer step" in error
+               for _, finish, error in results)
+    assert in_use == 0

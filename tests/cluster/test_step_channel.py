@@ -103,3 +103,24 @@ def test_a_worker_process_killed_mid_step_fails_the_step_at_once():
     finally:
         process.kill()
         process.join(10)
+
+
+def test_a_worker_that_does_not_answer_fails_the_step_at_the_timeout_and_its_late_answer_is_dropped(servers):
+    release = threading.Event()
+
+    def run(chunks, sampling):
+        if chunks[0].token_ids == [0]:
+            release.wait(30)  # hung until the test lets it go
+        return StepOutput([chunks[0].token_ids[0] + 100], [None], [None])
+
+    channel = StepChannel([servers(run).endpoint], timeout_s=1.0)
+    try:
+        start = time.monotonic()
+        with pytest.raises(WorkerFailure, match="attention worker 0 at .* did not answer step 0 within 1 s"):
+            channel.run({0: _step(0)})
+        assert 1.0 <= time.monotonic() - start < 5
+        release.set()  # the worker answers step 0 late, then runs step 1: only step 1's answer counts
+        assert channel.run({0: _step(7)}) == {0: StepOutput([107], [None], [None])}
+    finally:
+        release.set()
+        channel.close()
