@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +73,21 @@ class ClusterConfig:
                              f"dispatch_timeout_s={self.dispatch_timeout_s!r}")
         if not (self.address in ("local", "auto") or self.address.startswith("ray://")):
             raise ValueError(f"ClusterConfig.address={self.address!r}: use 'local', 'auto' or 'ray://host:port'")
+
+
+def _wait_until_dead(actors: list, timeout_s: float = 10.0) -> None:
+    """``ray.kill`` only asks: a call that reaches an actor before the kill still runs. Wait until
+    every actor refuses calls, so nothing of the cluster serves after ``shutdown`` returns."""
+    deadline = time.monotonic() + timeout_s
+    for actor in actors:
+        while time.monotonic() < deadline:
+            try:
+                ray.get(actor.ready.remote(), timeout=max(0.1, deadline - time.monotonic()))
+            except Exception:  # RayActorError once it is gone (or a timeout: then it is not serving)
+                break
+            time.sleep(0.05)
+        else:
+            log.warning("a worker still answered %.0f s after it was killed", timeout_s)
 
 
 def unwrap_ray_error(exc: BaseException) -> str:
@@ -179,6 +195,7 @@ class Cluster:
                 log.debug("worker shutdown: %s", unwrap_ray_error(exc))
         for actor in actors:
             ray.kill(actor, no_restart=True)
+        _wait_until_dead(actors)
         self.attention, self.experts = [], []
         if self._owns_ray:
             ray.shutdown()
