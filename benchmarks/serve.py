@@ -8,7 +8,8 @@ t=0), or with ``--request-rate`` at Poisson arrivals (the concurrency then caps 
 flight). The same requests go, in the same run, to:
 
 1. ``cluster``: ``Engine.create`` on the embedded default (local Ray, 1 attention worker and
-   2 expert workers, ``threads_per_worker`` torch threads each) over the tiny "air" checkpoint;
+   2 expert workers unless ``--attention-workers``/``--expert-workers`` say otherwise,
+   ``threads_per_worker`` torch threads each) over the tiny "air" checkpoint;
 2. ``local``: ``Engine.create_local``, the same coordinator over the in-process model;
 3. ``hf-static``: Hugging Face transformers ``generate`` (greedy) on the same checkpoint with
    static batches: ``concurrency`` requests at a time in arrival order, left-padded with an
@@ -438,7 +439,7 @@ def machine_line(args: argparse.Namespace) -> str:
             f"{args.threads_per_worker} thread(s) each, on the same cores")
 
 
-def reading(results: list[RunResult], concurrencies: Sequence[int]) -> str:
+def reading(results: list[RunResult], concurrencies: Sequence[int], expert_workers: int) -> str:
     table = by_key(results)
     c = max(concurrencies)
     lines = []
@@ -458,15 +459,15 @@ def reading(results: list[RunResult], concurrencies: Sequence[int]) -> str:
             cs, ls = cl.steps, lo.steps
             trips = cl.extra.get("dispatches", 0) / cs.steps
             rtt_ms = cl.extra.get("dispatch_rtt_s", 0.0) / max(1.0, cl.extra.get("dispatches", 0)) * 1000
-            layers = trips / 2  # the engine runs 2 expert workers; a layer's two dispatches are in flight together
+            layers = trips / expert_workers  # a layer's dispatches, one per expert worker, are in flight together
             cl_ms, lo_ms = cs.execute_s / cs.steps * 1000, ls.execute_s / ls.steps * 1000
             step = (f"  A cluster step takes {cl_ms:.1f} ms against {lo_ms:.1f} ms in process (same steps, "
                     f"{cs.tokens / cs.steps:.0f} tokens/step); it pays a step message each way (ZMQ, msgpack) "
                     f"and about {layers:.1f} expert round trips of {rtt_ms:.1f} ms, which include the experts' "
                     "own compute (done in process by the single-process engine)")
             if cl_ms <= lo_ms:
-                step += ("; the two expert workers compute a layer's routed experts in parallel, on the core "
-                         "the single process leaves idle, which more than pays for both")
+                step += (f"; the {expert_workers} expert workers compute a layer's routed experts in parallel, "
+                         "on the core the single process leaves idle, which more than pays for both")
             lines.append(f"{step}. Our CPU per output token: cluster {cpu_ms_per_token(cl):.2f} ms, single "
                          f"process {cpu_ms_per_token(lo):.2f} ms.")
     if ("hf-static", c) in table and ("local", c) in table:
@@ -530,7 +531,7 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         "Engine steps, timed around `executor.execute` (outside = the coordinator's own time per step):", "",
         steps_table(results), "",
         "Reading:", "",
-        reading(results, concurrencies), "",
+        reading(results, concurrencies, args.expert_workers), "",
     ])
 
 
