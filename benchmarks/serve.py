@@ -71,11 +71,20 @@ DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Serving (benchmarks/serve.py)"
 
 
-def section_heading(preset: str) -> str:
-    """The embedded default's "air" preset has the main section; other presets get their own."""
-    if preset == "air":
+def section_heading(preset: str, attention_workers: int = 1, expert_workers: int = 2) -> str:
+    """The embedded default ("air" preset, 1 attention + 2 expert workers) has the main section;
+    other presets and cluster shapes get their own."""
+    if (preset, attention_workers, expert_workers) == ("air", 1, 2):
         return SECTION_HEADING
-    return f"## Serving, {preset} preset (benchmarks/serve.py --preset {preset})"
+    names, flags = [], []
+    if preset != "air":
+        names.append(f"{preset} preset")
+        flags.append(f"--preset {preset}")
+    if (attention_workers, expert_workers) != (1, 2):
+        plural = "s" if expert_workers > 1 else ""
+        names.append(f"{attention_workers} attention + {expert_workers} expert worker{plural}")
+        flags.append(f"--attention-workers {attention_workers} --expert-workers {expert_workers}")
+    return f"## Serving, {', '.join(names)} (benchmarks/serve.py {' '.join(flags)})"
 
 
 DOCS_INTRO = "# Benchmarks\n\nResults of the programs in `benchmarks/`, each next to the command that produced it.\n"
@@ -514,7 +523,7 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
     mode = (f"Poisson arrivals at {args.request_rate} req/s, at most `concurrency` in flight"
             if args.request_rate else "all requests ready at t=0, `concurrency` in flight")
     return "\n".join([
-        section_heading(args.preset), "",
+        section_heading(args.preset, args.attention_workers, args.expert_workers), "",
         "```", command_line(), "```", "",
         f"Run {datetime.date.today().isoformat()} on {machine_line(args)}.", "",
         f"{args.num_requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
@@ -649,7 +658,7 @@ def main(argv: list[str] | None = None) -> None:
     print()
     print(section)
     if args.write_docs:
-        write_docs(section, section_heading(args.preset))
+        write_docs(section, section_heading(args.preset, args.attention_workers, args.expert_workers))
         print(f"wrote {DOCS_PATH.relative_to(REPO_ROOT)}")
 
 
