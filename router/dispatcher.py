@@ -204,10 +204,9 @@ class Dispatcher:
         order = np.argsort(worker_of_pair, kind="stable")
         token_sorted = order // k
         new_row = np.empty(order.size, dtype=bool)
-        new_row[0] = True
         np.not_equal(token_sorted[1:], token_sorted[:-1], out=new_row[1:])
-        ends = np.cumsum(pair_counts)
-        new_row[ends[:-1][ends[:-1] < order.size]] = True  # each worker's segment starts a row
+        # Each worker's first pair starts a row (an idle last worker's start, the end, wraps to 0).
+        new_row[(np.cumsum(pair_counts) - pair_counts) % order.size] = True
         row_of_pair = np.cumsum(new_row, dtype=np.int32) - 1  # over all workers' rows
         token_of_row = token_sorted[new_row]
         expert_sorted = expert[order]
@@ -227,7 +226,7 @@ class Dispatcher:
             else:
                 rows = torch.from_numpy(token_of_row[first_row:last_row + 1])
                 x_worker = x_cpu.index_select(0, rows)
-            self._send(pending, worker, rows, wire.Dispatch(pending.req, layer, x_worker, torch.from_numpy(pairs)))
+            self._send(pending, worker, rows, x_worker, pairs)
             start = end
         return pending
 
@@ -238,7 +237,7 @@ class Dispatcher:
         pairs[0] = np.arange(x.shape[0], dtype=np.int32).repeat(k)
         pairs[1] = expert
         pairs[2] = weight.view(np.int32)
-        self._send(pending, worker, None, wire.Dispatch(pending.req, pending.layer, x, torch.from_numpy(pairs)))
+        self._send(pending, worker, None, x, pairs)
         return pending
 
     def _choose(self, topk_ids: torch.Tensor, expert: np.ndarray) -> np.ndarray | None:
@@ -269,8 +268,9 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, msg: wire.Dispatch) -> None:
-        frames = wire.encode(msg)
+    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, x: torch.Tensor,
+              pairs: np.ndarray) -> None:
+        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs)
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
             self._sockets[worker].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -278,12 +278,12 @@ class Dispatcher:
             self._pending.pop(pending.req, None)
             self.counters.record_timeout()
             raise DispatchTimeout(
-                f"layer {msg.layer}: send queue to expert worker {worker} at {self.endpoints[worker]} is full "
+                f"layer {pending.layer}: send queue to expert worker {worker} at {self.endpoints[worker]} is full "
                 f"({HWM_MESSAGES} messages); the worker is not reading"
             ) from None
         pending._rows[worker] = rows
         pending._sent_s[worker] = time.perf_counter()
-        self.counters.record_send(msg.layer, worker, msg.x.shape[0], msg.pairs.shape[1], wire.nbytes(frames))
+        self.counters.record_send(pending.layer, worker, x.shape[0], pairs.shape[1], wire.nbytes(frames))
 
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""

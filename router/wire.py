@@ -94,23 +94,39 @@ def encode(msg: Message) -> list[Frame]:
     """Frames for `socket.send_multipart(frames, copy=False)`; tensor frames share tensor memory."""
     if isinstance(msg, ErrorReply):
         return [msgpack.packb([WIRE_VERSION, "error", msg.req, msg.layer, msg.reason])]
-    dispatch = isinstance(msg, Dispatch)
-    hidden = msg.x if dispatch else msg.y
+    if isinstance(msg, Dispatch):
+        pairs = msg.pairs
+        if pairs.dtype != torch.int32 or pairs.dim() != 2 or pairs.shape[0] != 3:
+            raise WireError(f"dispatch pairs must be [3, P] int32, got {pairs.dtype} {list(pairs.shape)}",
+                            msg.req, msg.layer)
+        return dispatch_frames(msg.req, msg.layer, msg.x, _tensor_bytes(pairs))
+    dtype_name, rows, hidden_size = _hidden_header(msg.y, msg.req, msg.layer)
+    return [msgpack.packb([WIRE_VERSION, "result", msg.req, msg.layer, dtype_name, rows, hidden_size]),
+            _tensor_bytes(msg.y)]
+
+
+def dispatch_frames(req: int, layer: int, x: torch.Tensor, pairs: np.ndarray | memoryview) -> list[Frame]:
+    """The frames of a dispatch whose pairs are already [3, P] int32 bytes in C order.
+
+    The dispatcher builds the pairs in numpy and sends them through here, without a Dispatch.
+    """
+    dtype_name, rows, hidden_size = _hidden_header(x, req, layer)
+    pairs = memoryview(pairs)
+    if pairs.format != "i" or pairs.ndim != 2 or pairs.shape[0] != 3 or not pairs.c_contiguous:
+        raise WireError(f"dispatch pairs must be [3, P] int32 in C order, got format {pairs.format!r} "
+                        f"shape {list(pairs.shape)}", req, layer)
+    header = [WIRE_VERSION, "dispatch", req, layer, dtype_name, rows, hidden_size, pairs.shape[1]]
+    return [msgpack.packb(header), _tensor_bytes(x), pairs]
+
+
+def _hidden_header(hidden: torch.Tensor, req: int, layer: int) -> tuple[str, int, int]:
     dtype_name = _DTYPE_NAMES.get(hidden.dtype)
     if dtype_name is None:
-        raise WireError(f"hidden dtype {hidden.dtype} is not one of {sorted(HIDDEN_DTYPES)}", msg.req, msg.layer)
+        raise WireError(f"hidden dtype {hidden.dtype} is not one of {sorted(HIDDEN_DTYPES)}", req, layer)
     if hidden.dim() != 2:
-        raise WireError(f"hidden tensor must be [n, H], got shape {list(hidden.shape)}", msg.req, msg.layer)
+        raise WireError(f"hidden tensor must be [n, H], got shape {list(hidden.shape)}", req, layer)
     rows, hidden_size = hidden.shape
-    if not dispatch:
-        return [msgpack.packb([WIRE_VERSION, "result", msg.req, msg.layer, dtype_name, rows, hidden_size]),
-                _tensor_bytes(hidden)]
-    pairs = msg.pairs
-    if pairs.dtype != torch.int32 or pairs.dim() != 2 or pairs.shape[0] != 3:
-        raise WireError(f"dispatch pairs must be [3, P] int32, got {pairs.dtype} {list(pairs.shape)}",
-                        msg.req, msg.layer)
-    header = [WIRE_VERSION, "dispatch", msg.req, msg.layer, dtype_name, rows, hidden_size, pairs.shape[1]]
-    return [msgpack.packb(header), _tensor_bytes(hidden), _tensor_bytes(pairs)]
+    return dtype_name, rows, hidden_size
 
 
 def decode(frames: Sequence[Any], num_experts: int | None = None) -> Message:

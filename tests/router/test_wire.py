@@ -192,6 +192,16 @@ def test_decode_bounds_expert_ids_when_given_the_expert_count() -> None:
         assert isinstance(wire.decode(wire.encode(bad)), wire.Dispatch)  # without the count, not checked
 
 
+def test_dispatch_frames_from_numpy_pairs_match_encode() -> None:
+    msg = dispatch(torch.bfloat16, rows=4, pairs=3)
+    frames = wire.dispatch_frames(msg.req, msg.layer, msg.x, msg.pairs.numpy())
+    assert [bytes(memoryview(f)) for f in frames] == [bytes(memoryview(f)) for f in wire.encode(msg)]
+    bad_pairs = (msg.pairs.numpy().astype(np.int64), msg.pairs.numpy().T.copy().T, msg.pairs.numpy()[:2])
+    for pairs in bad_pairs:
+        with pytest.raises(WireError, match="dispatch pairs must be \\[3, P\\] int32 in C order"):
+            wire.dispatch_frames(msg.req, msg.layer, msg.x, pairs)
+
+
 def test_encode_rejects_pairs_that_are_not_three_int32_rows() -> None:
     msg = dispatch(torch.float32, rows=4, pairs=3)
     for pairs in (msg.pairs.long(), msg.pairs[:2], msg.pairs.reshape(-1)):
