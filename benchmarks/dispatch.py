@@ -542,9 +542,9 @@ Where the time goes (structural, independent of this run's figures):
   is a few hundred integers, where numpy's per-call cost is a fraction of torch's), one reduction
   bounding the expert ids, and with several workers a table lookup of each pair's worker and a
   bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
-  otherwise a stable argsort of the pairs by worker, a few vector operations over all pairs that
-  find the rows each worker needs, and an `index_select` of x's rows for a worker that needs
-  only some tokens. Each message is three frames: a msgpack array header, x, and the pairs as one
+  otherwise, per worker, a mask over the pairs gives its pairs and the tokens it needs (a
+  handful of vector operations), and a worker that needs only some tokens gets an
+  `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the pairs as one
   [3, P] int32 frame (row, expert id, weight); the sends go one after another. In `result()`:
   decoding each reply (the header's items checked, a `torch.frombuffer` view), then a single
   reply covering every token is returned as received (no copy), two replies are one add in

@@ -199,35 +199,27 @@ class Dispatcher:
         if pair_counts.max() == expert.size:  # one worker computes every pair
             return self._send_every_pair(pending, int(worker_of_pair[0]), x_cpu, expert, weight, k)
 
-        # Sort the pairs by worker; a stable sort keeps each worker's segment token-major, so a
-        # token's pairs are adjacent there and a change of token starts the worker's next row.
-        order = np.argsort(worker_of_pair, kind="stable")
-        token_sorted = order // k
-        new_row = np.empty(order.size, dtype=bool)
-        np.not_equal(token_sorted[1:], token_sorted[:-1], out=new_row[1:])
-        # Each worker's first pair starts a row (an idle last worker's start, the end, wraps to 0).
-        new_row[(np.cumsum(pair_counts) - pair_counts) % order.size] = True
-        row_of_pair = np.cumsum(new_row, dtype=np.int32) - 1  # over all workers' rows
-        token_of_row = token_sorted[new_row]
-        expert_sorted = expert[order]
-        weight_sorted = weight.view(np.int32)[order]
-        start = 0
+        # Per worker, a mask over the [T, k] pairs: its pairs in token-major order and the tokens
+        # it needs, a handful of vector operations whatever the routing.
+        worker_of_pair = worker_of_pair.reshape(num_tokens, k)
+        weight_bits = weight.view(np.int32)
         for worker, count in enumerate(pair_counts.tolist()):
             if count == 0:
                 continue
-            end = start + count
-            first_row, last_row = int(row_of_pair[start]), int(row_of_pair[end - 1])
+            mine = worker_of_pair == worker
+            pair = np.flatnonzero(mine)
+            needed = mine.any(axis=1)
             pairs = np.empty((3, count), dtype=np.int32)
-            np.subtract(row_of_pair[start:end], first_row, out=pairs[0])
-            pairs[1] = expert_sorted[start:end]
-            pairs[2] = weight_sorted[start:end]
-            if last_row - first_row + 1 == num_tokens:  # every token: x as it is
+            if needed.all():  # every token: x as it is, and a pair's row is its token
                 rows, x_worker = None, x_cpu
+                pairs[0] = pair // k
             else:
-                rows = torch.from_numpy(token_of_row[first_row:last_row + 1])
+                pairs[0] = (np.cumsum(needed) - 1)[pair // k]  # row of each token among those needed
+                rows = torch.from_numpy(np.flatnonzero(needed))
                 x_worker = x_cpu.index_select(0, rows)
+            pairs[1] = expert[pair]
+            pairs[2] = weight_bits[pair]
             self._send(pending, worker, rows, x_worker, pairs)
-            start = end
         return pending
 
     def _send_every_pair(self, pending: PendingDispatch, worker: int, x: torch.Tensor, expert: np.ndarray,
