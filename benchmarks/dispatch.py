@@ -544,8 +544,9 @@ Where the time goes (structural, independent of this run's figures):
   bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
   otherwise, per worker, a mask over the pairs gives its pairs and the tokens it needs (a
   handful of vector operations), and a worker that needs only some tokens gets an
-  `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the pairs as one
-  [3, P] int32 frame (row, expert id, weight); the sends go one after another. In `result()`:
+  `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the
+  pairs as one [3, P] int32 frame (row, expert id, weight); the sends go one after another. In
+  `result()`:
   decoding each reply (the header's items checked, a `torch.frombuffer` view), then a single
   reply covering every token is returned as received (no copy), two replies are one add in
   bfloat16 (rounded once, as a float32 sum would be), and three or more, as with 4 workers where

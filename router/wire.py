@@ -153,7 +153,8 @@ def decode(frames: Sequence[Any], num_experts: int | None = None) -> Message:
         if num_pairs:
             # One reduction bounds rows and expert ids: as uint32 a negative int32 is above any bound.
             checked = 1 if num_experts is None else 2
-            top_row, *top_expert = np.frombuffer(frames[2], np.uint32, checked * num_pairs).reshape(checked, -1).max(1)
+            top = np.frombuffer(frames[2], np.uint32, checked * num_pairs).reshape(checked, -1).max(1).tolist()
+            top_row, *top_expert = top
             if top_row >= rows:
                 raise WireError(f"dispatch pair_token outside the {rows} rows of x", req, layer)
             if top_expert and top_expert[0] >= num_experts:
