@@ -194,8 +194,7 @@ def make_cases(
             if pairs == 0:
                 continue
             rows = int(mine.any(dim=1).sum())
-            pair_i32 = torch.zeros(pairs, dtype=torch.int32)
-            sent = wire.encode(wire.Dispatch(1000, LAYER, x[:rows], pair_i32, pair_i32, pair_i32.float()))
+            sent = wire.encode(wire.Dispatch(1000, LAYER, x[:rows], torch.zeros(3, pairs, dtype=torch.int32)))
             back = wire.encode(wire.Result(1000, LAYER, x[:rows]))
             header = bytearray(len(sent[0]))
             _SIZES.pack_into(header, 0, len(back[0]), rows * hidden_size * item)
@@ -539,21 +538,30 @@ Where the time goes (structural, independent of this run's figures):
 * Both columns pay the same loopback TCP transfer and the same ZMQ framing (the same frames, sent
   zero-copy above pyzmq's 64 KiB copy threshold in both); on 2 cores the client and the servers
   also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
-* The dispatcher adds, in `submit()`: `PlacementTable.choose` (one bounds-checked lookup) and a
-  bincount of the pairs per worker. When one worker gets every pair, x and the pairs go as they
-  are; otherwise an argsort of the pairs by worker, per worker a `unique_consecutive`, and an
-  `index_select` of x's rows for a worker that needs only some tokens. Then msgpack encoding and
-  one send per worker, one after another. In `result()`: decoding each reply, then a single reply
-  covering every token is returned as received (no copy), two replies are one add in bfloat16
-  (rounded once, as a float32 sum would be), and three or more, as with 4 workers where most
-  workers see only some tokens, are summed in float32 as they arrive: a cast and an `index_add_`
-  per partial reply and a cast back, the largest client cost left at 4 workers. The expert server
-  adds decoding (one `aminmax` check of the pair rows), one `aminmax` check of the expert ids, the
-  stand-in compute (a bfloat16 multiply of x), a one-op `ServerCounters.record` and encoding.
-* Each of these is a torch or pyzmq call of a few to tens of microseconds; while the servers and
-  other work compete for the 2 cores they run 2-4x slower than in isolation, so the fixed part
-  dominates at a few tokens, and the load on the machine moves the ratio from run to run by
-  several tenths (check the load average line).
+* The dispatcher adds, in `submit()`: the ids and weights as numpy arrays (the pair bookkeeping
+  is a few hundred integers, where numpy's per-call cost is a fraction of torch's), one reduction
+  bounding the expert ids, and with several workers a table lookup of each pair's worker and a
+  bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
+  otherwise, per worker, a mask over the pairs gives its pairs and the tokens it needs (a
+  handful of vector operations), and a worker that needs only some tokens gets an
+  `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the
+  pairs as one [3, P] int32 frame (row, expert id, weight); the sends go one after another. In
+  `result()`:
+  decoding each reply (the header's items checked, a `torch.frombuffer` view), then a single
+  reply covering every token is returned as received (no copy), two replies are one add in
+  bfloat16 (rounded once, as a float32 sum would be), and three or more, as with 4 workers where
+  most workers see only some tokens, are summed in float32 as they arrive: a cast and an
+  `index_add_` per partial reply and a cast back, the largest client cost left at 4 workers. The
+  expert server adds decoding (views of the frames and one reduction bounding the pair rows and
+  expert ids), the stand-in compute (a bfloat16 multiply of x, itself a few hundred microseconds
+  on this CPU), a one-op `ServerCounters.record` and encoding.
+* Each of these is a torch, numpy or pyzmq call of a few to tens of microseconds in a hot loop,
+  but a round trip runs them after a wake-up, with the caches cold from the 0.5 MiB transfers,
+  where they cost several times as much; so the fixed part dominates at a few tokens. With 4
+  workers the whole machine is busy: the dispatch needs about 2.5 times the CPU time of the raw
+  echo (the servers' compute, the client's row copies and float32 sum), and 5 busy processes share
+  2 cores. Other work on the machine moves the ratio from run to run by several tenths (check the
+  load average line).
 * Decode: a cluster step is a Ray actor call (about 1 ms) plus, per MoE layer (3 here), a dispatch
   to both expert workers; 3 single-threaded worker processes, the driver and Ray's daemons share
   2 cores. The single process's 2 torch threads are fragile on 2 cores: when any other process is

@@ -15,6 +15,7 @@ import time
 import weakref
 from collections.abc import Mapping
 
+import numpy as np
 import torch
 import zmq
 
@@ -76,13 +77,13 @@ class PendingDispatch:
             endpoint = self._dispatcher.endpoints[worker]
             self._fail(RemoteExpertError(f"expert worker {worker} at {endpoint}, layer {self.layer}: {msg.reason}"))
             return
-        expected = [self._shape[0] if rows is None else rows.numel(), self._shape[1]]
-        if not isinstance(msg, wire.Result) or list(msg.y.shape) != expected or msg.y.dtype != self._dtype:
+        expected = (self._shape[0] if rows is None else rows.shape[0], self._shape[1])
+        if not isinstance(msg, wire.Result) or msg.y.shape != expected or msg.y.dtype != self._dtype:
             got = f"{msg.y.dtype} result of shape {list(msg.y.shape)}" if isinstance(msg, wire.Result) else "an error"
             self._fail(
                 WireError(
                     f"expert worker {worker} replied {type(msg).__name__} ({got}) to layer {self.layer}, "
-                    f"expected a {self._dtype} result of shape {expected}"
+                    f"expected a {self._dtype} result of shape {list(expected)}"
                 )
             )
             return
@@ -93,7 +94,7 @@ class PendingDispatch:
             # Three or more replies: add each in float32 as it comes, while slower workers still compute.
             self._float32_sum = torch.zeros(self._shape, dtype=torch.float32)
         if rows is None:
-            self._float32_sum.add_(msg.y)
+            self._float32_sum.add_(msg.y.float())  # a mixed-dtype add_ is far slower than the cast
         else:
             self._float32_sum.index_add_(0, rows, msg.y.float())
 
@@ -156,6 +157,10 @@ class Dispatcher:
         # once instead of at the timeout: its replies can no longer arrive.
         self._watch = ConnectionWatch(self._sockets, self._poller)
         self._req_ids = itertools.count()
+        # With one replica per expert, `choose` is a lookup: done here in numpy, cheaper per layer.
+        one_replica = all(len(workers) == 1 for workers in placement.replicas)
+        self._worker_of_expert = (np.array([workers[0] for workers in placement.replicas], dtype=np.int64)
+                                  if one_replica else None)
         # Dispatches whose replies may still arrive; a dropped PendingDispatch leaves on its own.
         self._pending: weakref.WeakValueDictionary[int, PendingDispatch] = weakref.WeakValueDictionary()
         self._closed = False
@@ -177,36 +182,67 @@ class Dispatcher:
         if num_tokens == 0 or k == 0:
             return pending
 
-        worker_of_pair = self.placement.choose(topk_ids).reshape(-1)
-        expert = topk_ids.reshape(-1).to(device="cpu", dtype=torch.int32)
-        weight = topk_weights.reshape(-1).to(device="cpu", dtype=torch.float32)
+        # The pair bookkeeping is a few hundred integers: numpy does it at a fraction of torch's
+        # per-call cost. Pairs are numbered token-major: pair p is (token p // k, slot p % k).
+        if topk_ids.dtype != torch.int64 or not topk_ids.is_cpu:
+            topk_ids = topk_ids.to(device="cpu", dtype=torch.int64)
+        if topk_weights.dtype != torch.float32 or not topk_weights.is_cpu or topk_weights.requires_grad:
+            topk_weights = topk_weights.detach().to(device="cpu", dtype=torch.float32)
+        expert = topk_ids.numpy().reshape(-1)
+        weight = topk_weights.numpy().reshape(-1)
+        worker_of_pair = self._choose(topk_ids, expert)
         x_cpu = x.cpu()
-        pair_counts = torch.bincount(worker_of_pair, minlength=self.placement.num_workers).tolist()
         self._pending[pending.req] = pending
-        if max(pair_counts) == expert.numel():  # one worker computes every pair: send as is
-            token = torch.arange(num_tokens, dtype=torch.int32).repeat_interleave(k)
-            self._send(pending, pair_counts.index(expert.numel()), None,
-                       wire.Dispatch(pending.req, layer, x_cpu, token, expert, weight))
-            return pending
+        if worker_of_pair is None:  # a single expert worker
+            return self._send_every_pair(pending, 0, x_cpu, expert, weight, k)
+        pair_counts = np.bincount(worker_of_pair, minlength=self.placement.num_workers)
+        if pair_counts.max() == expert.size:  # one worker computes every pair
+            return self._send_every_pair(pending, int(worker_of_pair[0]), x_cpu, expert, weight, k)
 
-        # Sort the flattened (token, k) pairs by worker; a stable sort keeps tokens ascending
-        # inside each worker's segment, so unique_consecutive finds its distinct tokens.
-        order = torch.argsort(worker_of_pair, stable=True)
-        token_sorted = order // k
-        expert_sorted = expert.index_select(0, order)
-        weight_sorted = weight.index_select(0, order)
-        start = 0
-        for worker, count in enumerate(pair_counts):
+        # Per worker, a mask over the [T, k] pairs: its pairs in token-major order and the tokens
+        # it needs, a handful of vector operations whatever the routing.
+        worker_of_pair = worker_of_pair.reshape(num_tokens, k)
+        weight_bits = weight.view(np.int32)
+        for worker, count in enumerate(pair_counts.tolist()):
             if count == 0:
                 continue
-            end = start + count
-            rows, pair_token = torch.unique_consecutive(token_sorted[start:end], return_inverse=True)
-            every_token = rows.numel() == num_tokens  # rows is sorted and distinct, so it is arange(T)
-            msg = wire.Dispatch(pending.req, layer, x_cpu if every_token else x_cpu.index_select(0, rows),
-                                pair_token.to(torch.int32), expert_sorted[start:end], weight_sorted[start:end])
-            self._send(pending, worker, None if every_token else rows, msg)
-            start = end
+            mine = worker_of_pair == worker
+            pair = np.flatnonzero(mine)
+            needed = mine.any(axis=1)
+            pairs = np.empty((3, count), dtype=np.int32)
+            if needed.all():  # every token: x as it is, and a pair's row is its token
+                rows, x_worker = None, x_cpu
+                pairs[0] = pair // k
+            else:
+                pairs[0] = (np.cumsum(needed) - 1)[pair // k]  # row of each token among those needed
+                rows = torch.from_numpy(np.flatnonzero(needed))
+                x_worker = x_cpu.index_select(0, rows)
+            pairs[1] = expert[pair]
+            pairs[2] = weight_bits[pair]
+            self._send(pending, worker, rows, x_worker, pairs)
         return pending
+
+    def _send_every_pair(self, pending: PendingDispatch, worker: int, x: torch.Tensor, expert: np.ndarray,
+                         weight: np.ndarray, k: int) -> PendingDispatch:
+        """Send x as it is and every pair, in token-major order, to `worker`."""
+        pairs = np.empty((3, expert.size), dtype=np.int32)
+        pairs[0] = np.arange(x.shape[0], dtype=np.int32).repeat(k)
+        pairs[1] = expert
+        pairs[2] = weight.view(np.int32)
+        self._send(pending, worker, None, x, pairs)
+        return pending
+
+    def _choose(self, topk_ids: torch.Tensor, expert: np.ndarray) -> np.ndarray | None:
+        """Destination worker of each pair as `PlacementTable.choose` picks it; None: all to worker 0.
+
+        `expert` is `topk_ids` flattened, int64.
+        """
+        if self._worker_of_expert is None:  # replicas: the table spreads tokens over them
+            return self.placement.choose(topk_ids).numpy().reshape(-1)
+        # One reduction bounds the ids: as uint64 a negative int64 is above any expert count.
+        if expert.view(np.uint64).max() >= self.placement.num_experts:
+            raise PlacementError(f"topk_ids outside 0..{self.placement.num_experts - 1}")
+        return None if self.placement.num_workers == 1 else self._worker_of_expert[expert]
 
     def close(self) -> None:
         """Close every socket. Safe to call more than once."""
@@ -224,8 +260,9 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, msg: wire.Dispatch) -> None:
-        frames = wire.encode(msg)
+    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, x: torch.Tensor,
+              pairs: np.ndarray) -> None:
+        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs)
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
             self._sockets[worker].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
@@ -233,12 +270,12 @@ class Dispatcher:
             self._pending.pop(pending.req, None)
             self.counters.record_timeout()
             raise DispatchTimeout(
-                f"layer {msg.layer}: send queue to expert worker {worker} at {self.endpoints[worker]} is full "
+                f"layer {pending.layer}: send queue to expert worker {worker} at {self.endpoints[worker]} is full "
                 f"({HWM_MESSAGES} messages); the worker is not reading"
             ) from None
         pending._rows[worker] = rows
         pending._sent_s[worker] = time.perf_counter()
-        self.counters.record_send(msg.layer, worker, msg.x.shape[0], msg.pair_expert.numel(), wire.nbytes(frames))
+        self.counters.record_send(pending.layer, worker, x.shape[0], pairs.shape[1], wire.nbytes(frames))
 
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""

@@ -46,29 +46,23 @@ class ExpertServer(RouterSocketServer):
     def handle(self, frames: list[zmq.Frame]) -> list[wire.Frame]:
         req = layer = -1
         try:
-            msg = wire.decode(frames)
+            # decode checks the expert ids too: compute (and the counters) may index with them
+            msg = wire.decode(frames, self.num_experts)
             req, layer = msg.req, msg.layer
             if not isinstance(msg, wire.Dispatch):
                 raise WireError(f"expert server accepts dispatch messages, got {type(msg).__name__}")
-            out = wire.encode(self._serve_dispatch(msg))
+            x, pair_expert = msg.x, msg.pair_expert
+            y = self._compute(layer, x, msg.pair_token, pair_expert, msg.pair_weight)
+            if y.shape != x.shape:
+                raise ValueError(f"compute returned shape {list(y.shape)}, expected {list(x.shape)}")
+            out = wire.encode(wire.Result(req, layer, y if y.dtype == x.dtype else y.to(x.dtype)))
         except WireError as exc:
             out = self._reject(req if exc.req is None else exc.req, layer if exc.layer is None else exc.layer, exc)
         except Exception as exc:  # a failing request must not take the server down
             out = self._reject(req, layer, exc)
         else:
-            self.counters.record(layer, msg.pair_expert, msg.x.shape[0], wire.nbytes(frames), wire.nbytes(out))
+            self.counters.record(layer, pair_expert, x.shape[0], wire.nbytes(frames), wire.nbytes(out))
         return out
-
-    def _serve_dispatch(self, msg: wire.Dispatch) -> wire.Result:
-        # The one check of the expert ids: compute (and the counters) may index with them.
-        if msg.pair_expert.numel():
-            lo, hi = (int(v) for v in torch.aminmax(msg.pair_expert))
-            if lo < 0 or hi >= self.num_experts:
-                raise ValueError(f"expert ids {lo}..{hi} outside 0..{self.num_experts - 1}")
-        y = self._compute(msg.layer, msg.x, msg.pair_token, msg.pair_expert, msg.pair_weight)
-        if tuple(y.shape) != tuple(msg.x.shape):
-            raise ValueError(f"compute returned shape {list(y.shape)}, expected {list(msg.x.shape)}")
-        return wire.Result(msg.req, msg.layer, y.to(msg.x.dtype))
 
     def _reject(self, req: int, layer: int, exc: Exception) -> list[wire.Frame]:
         """Count, log one line (a traceback for unexpected errors) and build the error reply."""

@@ -6,7 +6,6 @@ import socket
 import threading
 import time
 
-import msgpack
 import pytest
 import ray
 import torch
@@ -14,6 +13,7 @@ import zmq
 
 from cluster.errors import WorkerFailure
 from cluster.runtime import Cluster, ClusterConfig
+from router import wire
 from workers.batch import SequenceChunk, build_batch
 from workers.experts import LocalExperts, expert_predicate
 from workers.generate import generate, load_model
@@ -108,7 +108,7 @@ def test_expert_workers_hold_only_their_experts_and_receive_the_routed_tokens(st
         assert received.tolist() == expected.tolist()
 
 
-def _raw_request(endpoint: str, frames: list[bytes]) -> dict:
+def _raw_request(endpoint: str, frames: list[bytes]) -> wire.Message:
     ctx = zmq.Context.instance()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
@@ -116,7 +116,7 @@ def _raw_request(endpoint: str, frames: list[bytes]) -> dict:
     try:
         sock.connect(endpoint)
         sock.send_multipart(frames)
-        return msgpack.unpackb(sock.recv_multipart()[0])
+        return wire.decode(sock.recv_multipart())
     finally:
         sock.close()
 
@@ -125,20 +125,19 @@ def test_malformed_frames_get_an_error_reply_and_the_worker_keeps_serving(start_
     model, ref = reference
     cluster = start_cluster(num_expert_workers=2)
     endpoint = cluster.endpoints[0]
-    h = model.config.hidden_size
-    good_header = {"v": 1, "kind": "dispatch", "req": 1, "layer": 999, "dtype": "float32",
-                   "shapes": [[1, h], [1], [1], [1]]}
-    tensors = [torch.zeros(1, h).numpy().tobytes(), torch.zeros(1, dtype=torch.int32).numpy().tobytes(),
-               torch.zeros(1, dtype=torch.int32).numpy().tobytes(), torch.ones(1).numpy().tobytes()]
+    x, pairs = torch.zeros(1, model.config.hidden_size), wire.pack_pairs(torch.zeros(1), torch.zeros(1), torch.ones(1))
+
+    def frames(layer: int) -> list[bytes]:
+        return [bytes(memoryview(f)) for f in wire.encode(wire.Dispatch(1, layer, x, pairs))]
+
     cases = {
         "bad header": [b"\xc1 not msgpack"],
-        "wrong sizes": [msgpack.packb(good_header | {"layer": 1}), tensors[0][:-4], *tensors[1:]],
-        "unknown layer": [msgpack.packb(good_header), *tensors],
+        "wrong sizes": [frames(1)[0], frames(1)[1][:-4], frames(1)[2]],
+        "unknown layer": frames(999),
     }
-    for case, frames in cases.items():
-        reply = _raw_request(endpoint, frames)
-        assert reply["kind"] == "error", case
-        assert reply.get("reason"), case
+    for case, request in cases.items():
+        reply = _raw_request(endpoint, request)
+        assert isinstance(reply, wire.ErrorReply) and reply.reason, case
     got = cluster.generate(_prompts(model.config.vocab_size), NEW_TOKENS)
     assert got.token_ids == ref.token_ids
 

@@ -48,6 +48,20 @@ def test_dispatch_with_replicas_matches_and_spreads_load(weights, start_servers,
         assert torch.equal(server.counters.tokens_per_expert(1), want)
 
 
+def test_dispatch_sends_each_worker_only_its_tokens(weights, start_servers, make_dispatcher) -> None:
+    placement = PlacementTable.even(NUM_EXPERTS, 4)  # worker w holds experts 2w and 2w + 1
+    servers = start_servers(placement)
+    dispatcher = make_dispatcher(placement, endpoints_of(servers))
+    x, _, _ = random_routing(3, 2, seed=4)
+    # Worker 0 gets tokens 0 and 1, worker 2 tokens 1 and 2 (its first token is worker 0's last),
+    # workers 1 and 3 nothing.
+    ids = torch.tensor([[0, 1], [1, 4], [5, 4]])
+    w = torch.tensor([[0.5, 0.5], [0.75, 0.25], [0.375, 0.625]])
+    got = dispatcher.submit(1, x, ids, w).result()
+    torch.testing.assert_close(got, reference(weights, 1, x, ids, w), rtol=1e-5, atol=1e-5)
+    assert [server.counters.total_tokens() for server in servers] == [2, 0, 2, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dispatch_half_precision_returns_input_dtype(dtype, weights, start_servers, make_dispatcher) -> None:
     placement = PlacementTable.even(NUM_EXPERTS, 2)
@@ -175,14 +189,8 @@ def raw_client(start_servers):
 
 def good_dispatch(req: int, layer: int = 1, experts: tuple[int, ...] = (0, 3)) -> wire.Dispatch:
     x, _, _ = random_routing(2, 1, seed=req)
-    return wire.Dispatch(
-        req,
-        layer,
-        x,
-        torch.tensor([0, 1], dtype=torch.int32),
-        torch.tensor(experts, dtype=torch.int32),
-        torch.tensor([0.5, 0.25]),
-    )
+    pairs = wire.pack_pairs(torch.tensor([0, 1]), torch.tensor(experts), torch.tensor([0.5, 0.25]))
+    return wire.Dispatch(req, layer, x, pairs)
 
 
 def test_server_answers_malformed_messages_with_errors_and_keeps_serving(raw_client, weights) -> None:
@@ -204,6 +212,9 @@ def test_server_answers_malformed_messages_with_errors_and_keeps_serving(raw_cli
     reply = client.ask(wire.encode(good_dispatch(req=4, experts=(0, NUM_EXPERTS))))
     assert isinstance(reply, wire.ErrorReply) and "expert ids 0..8 outside 0..7" in reply.reason
 
+    reply = client.ask(wire.encode(good_dispatch(req=4, experts=(-1, 0))))
+    assert isinstance(reply, wire.ErrorReply) and "expert ids -1..0 outside 0..7" in reply.reason
+
     reply = client.ask(wire.encode(wire.Result(5, 1, torch.zeros(1, HIDDEN))))
     assert isinstance(reply, wire.ErrorReply) and "accepts dispatch messages" in reply.reason
 
@@ -212,7 +223,7 @@ def test_server_answers_malformed_messages_with_errors_and_keeps_serving(raw_cli
     assert isinstance(reply, wire.Result) and reply.req == 6
     want = torch.stack([0.5 * weights[1][0](good.x[0]), 0.25 * weights[1][3](good.x[1])])
     torch.testing.assert_close(reply.y, want, rtol=1e-5, atol=1e-5)
-    assert server.counters.snapshot()["errors"] == 6
+    assert server.counters.snapshot()["errors"] == 7
 
 
 def test_compute_returning_wrong_shape_is_an_error_reply(start_servers) -> None:
@@ -340,6 +351,9 @@ def test_dispatcher_validation_and_close(start_servers) -> None:
         dispatcher.submit(1, x, ids, w[:, :3])
     with pytest.raises(ValueError, match="need x"):
         dispatcher.submit(1, x[:3], ids, w)
+    for bad in (ids + NUM_EXPERTS, ids - NUM_EXPERTS):
+        with pytest.raises(PlacementError, match=f"topk_ids outside 0..{NUM_EXPERTS - 1}"):
+            dispatcher.submit(1, x, bad, w)
     dispatcher.close()
     dispatcher.close()
     with pytest.raises(RuntimeError, match="closed"):
