@@ -546,11 +546,10 @@ Where the time goes (structural, independent of this run's figures):
   handful of vector operations), and a worker that needs only some tokens gets an
   `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the
   pairs as one [3, P] int32 frame (row, expert id, weight); the sends go one after another. In
-  `result()`:
-  decoding each reply (the header's items checked, a `torch.frombuffer` view), then a single
-  reply covering every token is returned as received (no copy), two replies are one add in
-  bfloat16 (rounded once, as a float32 sum would be), and three or more, as with 4 workers where
-  most workers see only some tokens, are summed in float32 as they arrive: a cast and an
+  `result()`: decoding each reply (the header's items checked, a `torch.frombuffer` view), then a
+  single reply covering every token is returned as received (no copy), two replies are one add
+  in bfloat16 (rounded once, as a float32 sum would be), and three or more, as with 4 workers
+  where most workers see only some tokens, are summed in float32 as they arrive: a cast and an
   `index_add_` per partial reply and a cast back, the largest client cost left at 4 workers. The
   expert server adds decoding (views of the frames and one reduction bounding the pair rows and
   expert ids), the stand-in compute (a bfloat16 multiply of x, itself a few hundred microseconds
