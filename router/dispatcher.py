@@ -317,7 +317,15 @@ class Dispatcher:
         except zmq.Again:
             return
         received_s = time.perf_counter()
-        msg = wire.decode(frames)
+        try:
+            msg = wire.decode(frames)
+        except WireError as exc:  # whose reply it was cannot be told: fail every dispatch waiting on the worker
+            self.counters.record_remote_error()
+            error = f"expert worker {worker} at {self.endpoints[worker]} sent a malformed reply ({exc})"
+            for owner in [p for p in self._pending.values() if worker in p._rows]:
+                self._pending.pop(owner.req, None)
+                owner._fail(RemoteExpertError(f"layer {owner.layer}: {error}"))
+            return
         owner = self._pending.get(msg.req)
         if owner is None or worker not in owner._rows:
             self.counters.record_stale_reply()  # e.g. the reply to a dispatch that timed out

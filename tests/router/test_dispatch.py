@@ -384,3 +384,36 @@ def test_half_precision_replies_are_summed_in_float32_and_rounded_once(num_worke
     # Two workers add in bfloat16, four in float32; with top-2 no token has more than two
     # non-zero terms, so either way the result is the float32 sum rounded once, bit for bit.
     assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+
+
+def test_a_malformed_reply_fails_the_dispatches_waiting_on_that_worker(make_dispatcher) -> None:
+    """A peer that answers every dispatch with garbage: a clear error at once, not a timeout or a crash."""
+    ctx = zmq.Context()
+    peer = ctx.socket(zmq.ROUTER)
+    port = peer.bind_to_random_port("tcp://127.0.0.1")
+    stop = threading.Event()
+
+    def answer_garbage() -> None:
+        while not stop.is_set():
+            if peer.poll(50):
+                identity, *_ = peer.recv_multipart()
+                peer.send_multipart([identity, b"\xc1 not msgpack", b"x" * 8])
+
+    thread = threading.Thread(target=answer_garbage, daemon=True)
+    thread.start()
+    try:
+        endpoint = f"tcp://127.0.0.1:{port}"
+        dispatcher = make_dispatcher(PlacementTable.even(NUM_EXPERTS, 1), {0: endpoint}, timeout_s=20.0)
+        x, ids, w = random_routing(8, TOP_K, seed=4)
+        for _ in range(2):  # the dispatcher keeps working after one
+            started_s = time.monotonic()
+            with pytest.raises(RemoteExpertError, match=f"layer 1: expert worker 0 at {endpoint} sent a malformed "
+                                                        "reply \\(header frame is not msgpack"):
+                dispatcher.submit(1, x, ids, w).result()
+            assert time.monotonic() - started_s < 5.0  # not the 20 s timeout
+        assert dispatcher.counters.snapshot()["remote_errors"] == 2
+    finally:
+        stop.set()
+        thread.join(5)
+        peer.close(linger=0)
+        ctx.term()
