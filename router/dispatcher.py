@@ -157,10 +157,6 @@ class Dispatcher:
         # once instead of at the timeout: its replies can no longer arrive.
         self._watch = ConnectionWatch(self._sockets, self._poller)
         self._req_ids = itertools.count()
-        # With one replica per expert, `choose` is a lookup: done here in numpy, cheaper per layer.
-        one_replica = all(len(workers) == 1 for workers in placement.replicas)
-        self._worker_of_expert = (np.array([workers[0] for workers in placement.replicas], dtype=np.int64)
-                                  if one_replica else None)
         # Dispatches whose replies may still arrive; a dropped PendingDispatch leaves on its own.
         self._pending: weakref.WeakValueDictionary[int, PendingDispatch] = weakref.WeakValueDictionary()
         self._closed = False
@@ -190,11 +186,9 @@ class Dispatcher:
             topk_weights = topk_weights.detach().to(device="cpu", dtype=torch.float32)
         expert = topk_ids.numpy().reshape(-1)
         weight = topk_weights.numpy().reshape(-1)
-        worker_of_pair = self._choose(topk_ids, expert)
+        worker_of_pair = self.placement.pair_workers(topk_ids)
         x_cpu = x.cpu()
         self._pending[pending.req] = pending
-        if worker_of_pair is None:  # a single expert worker
-            return self._send_every_pair(pending, 0, x_cpu, expert, weight, k)
         pair_counts = np.bincount(worker_of_pair, minlength=self.placement.num_workers)
         if pair_counts.max() == expert.size:  # one worker computes every pair
             return self._send_every_pair(pending, int(worker_of_pair[0]), x_cpu, expert, weight, k)
@@ -231,18 +225,6 @@ class Dispatcher:
         pairs[2] = weight.view(np.int32)
         self._send(pending, worker, None, x, pairs)
         return pending
-
-    def _choose(self, topk_ids: torch.Tensor, expert: np.ndarray) -> np.ndarray | None:
-        """Destination worker of each pair as `PlacementTable.choose` picks it; None: all to worker 0.
-
-        `expert` is `topk_ids` flattened, int64.
-        """
-        if self._worker_of_expert is None:  # replicas: the table spreads tokens over them
-            return self.placement.choose(topk_ids).numpy().reshape(-1)
-        # One reduction bounds the ids: as uint64 a negative int64 is above any expert count.
-        if expert.view(np.uint64).max() >= self.placement.num_experts:
-            raise PlacementError(f"topk_ids outside 0..{self.placement.num_experts - 1}")
-        return None if self.placement.num_workers == 1 else self._worker_of_expert[expert]
 
     def close(self) -> None:
         """Close every socket. Safe to call more than once."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
 
 from router.errors import PlacementError
@@ -27,6 +28,8 @@ class PlacementTable:
     # Dense lookup for `choose`: [num_experts, max replicas] padded by repeating, and counts.
     _table: torch.Tensor = field(init=False, repr=False, compare=False)
     _counts: torch.Tensor = field(init=False, repr=False, compare=False)
+    # With one replica per expert, `pair_workers`' numpy lookup: expert -> its worker (else None).
+    _worker_of_expert: np.ndarray | None = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         replicas = tuple(tuple(int(w) for w in ws) for ws in self.replicas)
@@ -49,6 +52,7 @@ class PlacementTable:
         table = torch.tensor([[ws[i % len(ws)] for i in range(width)] for ws in replicas], dtype=torch.int64)
         object.__setattr__(self, "_table", table)
         object.__setattr__(self, "_counts", torch.tensor([len(ws) for ws in replicas], dtype=torch.int64))
+        object.__setattr__(self, "_worker_of_expert", table[:, 0].numpy() if width == 1 else None)
 
     @classmethod
     def even(cls, num_experts: int, num_workers: int, replicas: int = 1) -> PlacementTable:
@@ -94,6 +98,20 @@ class PlacementTable:
             raise PlacementError(f"topk_ids outside 0..{self.num_experts - 1}") from None
         token = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
         return self._table[ids, token % counts]
+
+    def pair_workers(self, topk_ids: torch.Tensor) -> np.ndarray:
+        """``choose`` flattened token-major, as int64 numpy: the dispatcher's per-layer form.
+
+        ``topk_ids`` [T, K] must be int64 on the CPU. With one replica per expert this is a numpy
+        lookup, a fraction of torch's per-call cost for a few hundred ids.
+        """
+        if self._worker_of_expert is None:  # replicas: choose spreads tokens over them
+            return self.choose(topk_ids).numpy().reshape(-1)
+        expert = topk_ids.numpy().reshape(-1)
+        # One reduction bounds the ids: as uint64 a negative int64 is above any expert count.
+        if expert.size and expert.view(np.uint64).max() >= self.num_experts:
+            raise PlacementError(f"topk_ids outside 0..{self.num_experts - 1}")
+        return self._worker_of_expert[expert]
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -41,9 +41,18 @@ def test_choose_spreads_tokens_over_replicas_by_token_index() -> None:
     assert table.choose(torch.empty(0, 2, dtype=torch.int64)).shape == (0, 2)
 
 
-def test_choose_rejects_unknown_expert() -> None:
-    with pytest.raises(PlacementError, match="topk_ids outside 0..7"):
-        PlacementTable.even(8, 2).choose(torch.tensor([[8]]))
+@pytest.mark.parametrize("table", [PlacementTable.even(8, 2), PlacementTable(num_workers=3, replicas=((0, 2), (1,)))])
+def test_pair_workers_is_choose_flattened(table: PlacementTable) -> None:
+    ids = torch.tensor([[0, 1], [1, 0], [0, 0]]) % table.num_experts
+    assert table.pair_workers(ids).tolist() == table.choose(ids).reshape(-1).tolist()
+
+
+@pytest.mark.parametrize("bad", [8, -1])
+def test_choose_rejects_unknown_expert(bad: int) -> None:
+    table = PlacementTable.even(8, 2)
+    for choose in (table.choose, table.pair_workers):
+        with pytest.raises(PlacementError, match="topk_ids outside 0..7"):
+            choose(torch.tensor([[0, bad]]))
 
 
 def test_dict_round_trip_through_msgpack() -> None:
