@@ -144,9 +144,8 @@ def decode(frames: Sequence[Any], num_experts: int | None = None) -> Message:
     kind = header[1] if type(header) is list and len(header) > 4 and header[0] == WIRE_VERSION else None
     if kind == "dispatch" and len(header) == 8 and len(frames) == 3:
         _, _, req, layer, dtype_name, rows, hidden_size, num_pairs = header
-        if not (type(req) is int and type(layer) is int and type(rows) is int and type(hidden_size) is int
-                and type(num_pairs) is int and rows >= 0 and hidden_size >= 0 and num_pairs >= 0
-                and type(dtype_name) is str and dtype_name in HIDDEN_DTYPES):
+        if not (_hidden_fields_ok(req, layer, dtype_name, rows, hidden_size)
+                and type(num_pairs) is int and num_pairs >= 0):
             _check_header(header, frames)
         x = _tensor(frames[1], rows, hidden_size, HIDDEN_DTYPES[dtype_name], "x", req, layer)
         pairs = _tensor(frames[2], 3, num_pairs, torch.int32, "pairs", req, layer)
@@ -163,8 +162,7 @@ def decode(frames: Sequence[Any], num_experts: int | None = None) -> Message:
         return Dispatch(req, layer, x, pairs)
     if kind == "result" and len(header) == 7 and len(frames) == 2:
         _, _, req, layer, dtype_name, rows, hidden_size = header
-        if not (type(req) is int and type(layer) is int and type(rows) is int and type(hidden_size) is int
-                and rows >= 0 and hidden_size >= 0 and type(dtype_name) is str and dtype_name in HIDDEN_DTYPES):
+        if not _hidden_fields_ok(req, layer, dtype_name, rows, hidden_size):
             _check_header(header, frames)
         return Result(req, layer, _tensor(frames[1], rows, hidden_size, HIDDEN_DTYPES[dtype_name], "y", req, layer))
     if kind == "error" and len(header) == 5 and len(frames) == 1:
@@ -174,6 +172,12 @@ def decode(frames: Sequence[Any], num_experts: int | None = None) -> Message:
         return ErrorReply(req, layer, reason)
     _check_header(header, frames)
     raise AssertionError("unreachable: _check_header accepted a header decode rejected")
+
+
+def _hidden_fields_ok(req: Any, layer: Any, dtype_name: Any, rows: Any, hidden_size: Any) -> bool:
+    """The fast test of the fields a dispatch and a result header share; ``_check_header`` names a failure."""
+    return (type(req) is int and type(layer) is int and type(rows) is int and type(hidden_size) is int
+            and rows >= 0 and hidden_size >= 0 and type(dtype_name) is str and dtype_name in HIDDEN_DTYPES)
 
 
 def nbytes(frames: Sequence[Any]) -> int:
