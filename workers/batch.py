@@ -112,10 +112,7 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         token_ids.extend(chunk.token_ids)
         span = range(chunk.start_position, end)
         positions.extend(span)
-        if n == 1:
-            slots.append(table[chunk.start_position // bs] * bs + chunk.start_position % bs)
-        else:
-            slots.extend(table[p // bs] * bs + p % bs for p in span)
+        slots.extend(table[p // bs] * bs + p % bs for p in span)
         logits_rows.extend(range(row + n - chunk.num_logits, row + n))
         if n == 1:
             decode_rows.append(row)
