@@ -132,7 +132,7 @@ class ExpertShard:
         flops_per_row = 6 * gate_up.shape[2] * down.shape[2]
         if gate_up.dtype == x.dtype and rows.numel() and \
                 padding_rows * flops_per_row <= experts_hit * PER_EXPERT_OVERHEAD_FLOPS:
-            ys = self._padded(gate_up, down, xs, local.index_select(0, order), counts, max_count)
+            ys = self._padded(gate_up, down, xs, local.index_select(0, order), counts[:num_local], max_count)
         else:
             ys = self._per_expert(gate_up, down, xs, counts[:num_local])
         # Weigh and sum in float32, as the reference does (its fp32 routing weights promote the product).
@@ -157,7 +157,7 @@ class ExpertShard:
 
     @staticmethod
     def _padded(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, sorted_local: torch.Tensor,
-                counts: list[int], max_count: int) -> torch.Tensor:
+                counts: list[int], max_count: int) -> torch.Tensor:  # counts: rows per held expert
         """The same SwiGLU as two batched matmuls over every held expert, each padded to ``max_count`` rows.
 
         Row p of expert e goes to slot ``e * max_count + (p - first row of e)``; slots without a
@@ -165,7 +165,7 @@ class ExpertShard:
         of experts hit, so it wins when per-operation overhead, not arithmetic, dominates.
         """
         num_local = gate_up.shape[0]
-        first_row = torch.tensor([0, *accumulate(counts[:num_local - 1])], dtype=torch.long, device=xs.device)
+        first_row = torch.tensor([0, *accumulate(counts[:-1])], dtype=torch.long, device=xs.device)
         slot = sorted_local * max_count + torch.arange(xs.shape[0], device=xs.device) - first_row[sorted_local]
         padded = xs.new_zeros(num_local * max_count, xs.shape[1]).index_copy_(0, slot, xs)
         hidden = torch.bmm(padded.view(num_local, max_count, -1), gate_up.transpose(1, 2))  # [E, C, 2I]
