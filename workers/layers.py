@@ -93,11 +93,15 @@ class Attention(nn.Module):
         if self.use_qk_norm:
             self.q_norm = RMSNorm(d, config.rms_norm_eps)
             self.k_norm = RMSNorm(d, config.rms_norm_eps)
-        self._qkv: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        # Set by fuse_projections; buffers (not saved) so that ``.to()`` moves them with the model.
+        self.qkv_weight: torch.Tensor | None
+        self.qkv_bias: torch.Tensor | None
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
 
     def fuse_projections(self) -> None:
         """Compute q, k and v with one matmul from here on (``fuse_linears``)."""
-        self._qkv = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight, self.qkv_bias = fuse_linears(self.q_proj, self.k_proj, self.v_proj)
 
     def forward(
         self,
@@ -111,8 +115,8 @@ class Attention(nn.Module):
         num_tokens = x.shape[0]
         cos, sin = rope
         heads = self.num_heads + self.num_kv_heads  # q's heads, then k's
-        if self._qkv is not None:
-            qkv = F.linear(x, *self._qkv).view(num_tokens, heads + self.num_kv_heads, self.head_dim)
+        if self.qkv_weight is not None:
+            qkv = F.linear(x, self.qkv_weight, self.qkv_bias).view(num_tokens, heads + self.num_kv_heads, self.head_dim)
             qk, v = qkv[:, :heads], qkv[:, heads:]
             if self.use_qk_norm:  # before RoPE (GLM45.md §2)
                 qk = torch.cat((self.q_norm(qk[:, :self.num_heads]), self.k_norm(qk[:, self.num_heads:])), dim=1)
@@ -198,14 +202,15 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
-        self._gate_up: torch.Tensor | None = None
+        self.gate_up_weight: torch.Tensor | None
+        self.register_buffer("gate_up_weight", None, persistent=False)  # set by fuse_projections
 
     def fuse_projections(self) -> None:
         """Compute gate and up with one matmul from here on (``fuse_linears``)."""
-        self._gate_up = fuse_linears(self.gate_proj, self.up_proj)[0]
+        self.gate_up_weight = fuse_linears(self.gate_proj, self.up_proj)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._gate_up is not None:
-            gate, up = F.linear(x, self._gate_up).chunk(2, dim=-1)
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

@@ -51,7 +51,7 @@ def test_fused_projections_give_the_logits_of_separate_ones(tiny_checkpoint):
     attention = model.model.layers[0].self_attn
     assert attention.q_proj.weight.untyped_storage().data_ptr() == attention.k_proj.weight.untyped_storage().data_ptr()
     for module in model.modules():
-        for name in ("_qkv", "_gate_up"):
+        for name in ("qkv_weight", "qkv_bias", "gate_up_weight"):
             if getattr(module, name, None) is not None:
                 setattr(module, name, None)
     torch.testing.assert_close(model.forward(build_batch(chunks, 4), kv).logits, fused, atol=1e-5, rtol=0)
