@@ -540,8 +540,8 @@ Where the time goes (structural, independent of this run's figures):
   also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
 * The dispatcher adds, in `submit()`: the ids and weights as numpy arrays (the pair bookkeeping
   is a few hundred integers, where numpy's per-call cost is a fraction of torch's), one reduction
-  bounding the expert ids, and with several workers a table lookup of each pair's worker and a
-  bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
+  bounding the expert ids, a table lookup of each pair's worker (`PlacementTable.pair_workers`)
+  and a bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
   otherwise, per worker, a mask over the pairs gives its pairs and the tokens it needs (a
   handful of vector operations), and a worker that needs only some tokens gets an
   `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the

@@ -71,16 +71,21 @@ DOCS_PATH = REPO_ROOT / "docs" / "benchmarks.md"
 SECTION_HEADING = "## Serving (benchmarks/serve.py)"
 
 
-def section_heading(preset: str, attention_workers: int = 1, expert_workers: int = 2) -> str:
-    """The embedded default ("air" preset, 1 attention + 2 expert workers) has the main section;
-    other presets and cluster shapes get their own."""
-    if (preset, attention_workers, expert_workers) == ("air", 1, 2):
+# The embedded default's cluster shape, as `moecluster serve` starts it.
+DEFAULT_SHAPE = (EngineConfig.num_attention_workers, EngineConfig.num_expert_workers)
+
+
+def section_heading(preset: str, attention_workers: int = DEFAULT_SHAPE[0],
+                    expert_workers: int = DEFAULT_SHAPE[1]) -> str:
+    """The embedded default ("air" preset, the default cluster shape) has the main section; other
+    presets and cluster shapes get their own."""
+    if preset == "air" and (attention_workers, expert_workers) == DEFAULT_SHAPE:
         return SECTION_HEADING
     names, flags = [], []
     if preset != "air":
         names.append(f"{preset} preset")
         flags.append(f"--preset {preset}")
-    if (attention_workers, expert_workers) != (1, 2):
+    if (attention_workers, expert_workers) != DEFAULT_SHAPE:
         plural = "s" if expert_workers > 1 else ""
         names.append(f"{attention_workers} attention + {expert_workers} expert worker{plural}")
         flags.append(f"--attention-workers {attention_workers} --expert-workers {expert_workers}")
@@ -579,8 +584,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of this process (local engine, transformers)")
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each cluster worker")
-    parser.add_argument("--attention-workers", type=int, default=1, help="attention workers of the cluster")
-    parser.add_argument("--expert-workers", type=int, default=2, help="expert workers of the cluster")
+    parser.add_argument("--attention-workers", type=int, default=DEFAULT_SHAPE[0],
+                        help="attention workers of the cluster")
+    parser.add_argument("--expert-workers", type=int, default=DEFAULT_SHAPE[1], help="expert workers of the cluster")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches per cluster step taking turns while the experts compute")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
