@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q $(TORCH_SPEC) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
 	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/python -m workers.cpu_kernels
 	touch $(STAMP)
 
 install: $(STAMP)

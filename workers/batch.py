@@ -41,6 +41,7 @@ class DecodeGroup:
     rows: torch.Tensor     # [B] rows of single-token sequences
     blocks: torch.Tensor   # [B, Nmax] their block tables (padded with block 0)
     mask: torch.Tensor     # [B, Nmax * block_size] True where a slot holds context
+    lens: torch.Tensor     # [B] int64 context length of each row (the paged kernel reads these, not mask)
 
 
 def group_decode_rows(context_lens: list[int], block_size_tokens: int, max_slots: int | None) -> list[list[int]]:
@@ -131,9 +132,11 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         max_blocks = max(len(decode_tables[i]) for i in group)
         blocks = torch.tensor([decode_tables[i] + [0] * (max_blocks - len(decode_tables[i])) for i in group],
                               dtype=torch.long)
-        mask = torch.arange(max_blocks * bs)[None, :] < torch.tensor([decode_lens[i] for i in group])[:, None]
+        lens = torch.tensor([decode_lens[i] for i in group], dtype=torch.long)
+        mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
         decode_groups.append(DecodeGroup(torch.tensor([decode_rows[i] for i in group], dtype=torch.long,
-                                                      device=device), blocks.to(device), mask.to(device)))
+                                                      device=device), blocks.to(device), mask.to(device),
+                                         lens.to(device)))
 
     # the per-row index tensors in one tensor (one conversion, one copy to the device), then views
     flat = torch.tensor(token_ids + positions + slots + logits_rows, dtype=torch.long).to(device)

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import cpu_kernels
 from workers.batch import ForwardBatch
 from workers.config import ModelConfig
 
@@ -140,14 +141,20 @@ class Attention(nn.Module):
 
         Context is read a whole block at a time, per KV head: the head-major cache makes each
         head's gathered context one contiguous [L, D] matrix. Decode rows (one query each) are
-        batched into one padded computation per group of similar context lengths; prefill chunks
-        run one call per sequence.
+        batched into one padded computation per group of similar context lengths; on the CPU, when
+        the C++ kernels are built (``workers.cpu_kernels``), they are read in place instead, with
+        no gathered copy. Prefill chunks run one call per sequence.
         """
-        out = torch.empty_like(q)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         block_width = batch.block_size_tokens * self.head_dim
         k_blocks = k_cache.view(self.num_kv_heads, -1, block_width)    # [Hkv, num_blocks, bs * D]
         v_blocks = v_cache.view(self.num_kv_heads, -1, block_width)
+        paged_kernel = q.device.type == "cpu" and bool(batch.decode_groups) and cpu_kernels.available()
         for group in batch.decode_groups:
+            if paged_kernel:  # straight from the paged cache, without a gathered copy
+                cpu_kernels.paged_decode_attention(out, q, k_cache, v_cache, group.rows, group.blocks, group.lens,
+                                                   batch.block_size_tokens, self.scale)
+                continue
             num_seqs = group.rows.shape[0]
             keys = _gather_blocks(k_blocks, group.blocks, self.head_dim)   # [Hkv, B, L, D]
             values = _gather_blocks(v_blocks, group.blocks, self.head_dim)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from workers import cpu_kernels
 from workers.batch import SequenceChunk, build_batch
 from workers.kv_cache import PagedKVCache
 from workers.model import Glm4MoeForCausalLM
@@ -19,9 +20,10 @@ from workers.sampling import Sampler, SamplingParams
 
 _SEED_STRIDE = 0x9E3779B97F4A7C15  # spreads consecutive draw indices of one seed far apart
 
-# On the CPU, decode attention gathers each group's keys (and values) into one padded tensor; past
-# about a core's cache size the gather and the matmuls reading it slow down by half, so groups of
-# similar context lengths are cut to gather at most this many bytes of keys each.
+# Without the C++ kernel, decode attention on the CPU gathers each group's keys (and values) into
+# one padded tensor; past about a core's cache size the gather and the matmuls reading it slow
+# down by half, so groups of similar context lengths are cut to gather at most this many bytes of
+# keys each.
 CPU_DECODE_GROUP_BYTES = 1 << 20
 
 
@@ -77,8 +79,9 @@ class ModelRunner:
         self.kv = kv
         self.micro_batches = micro_batches
         self.sampler = Sampler()
-        self.decode_group_slots: int | None = None  # one group: the GPU path attends in one call
-        if kv.k.device.type == "cpu":
+        # One group: the GPU path and the CPU kernel attend in one call.
+        self.decode_group_slots: int | None = None
+        if kv.k.device.type == "cpu" and not cpu_kernels.available():
             slot_bytes = kv.k.shape[1] * kv.k.shape[3] * kv.k.element_size()
             self.decode_group_slots = max(kv.block_size_tokens, CPU_DECODE_GROUP_BYTES // slot_bytes)
 

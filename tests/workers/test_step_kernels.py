@@ -1,5 +1,6 @@
 """Faster ways to compute a step that must not change it: decode rows grouped by context length
-(the grouping rule; any grouping leaves each row's logits as one padded group gives them) and
+(the grouping rule; any grouping leaves each row's logits as one padded group gives them; the
+torch path, used where the C++ kernel of workers.cpu_kernels is not built) and
 q/k/v and gate/up projections fused into one matmul each."""
 
 from __future__ import annotations
@@ -7,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from workers import cpu_kernels
 from workers.batch import SequenceChunk, build_batch, group_decode_rows
 from workers.generate import load_model
 from workers.kv_cache import PagedKVCache
@@ -23,7 +25,8 @@ def test_groups_are_sorted_by_length_and_cut_at_the_slot_budget():
 
 
 @pytest.mark.parametrize("group_slots", [4, 24, 60])
-def test_grouped_decode_gives_the_logits_of_one_group(tiny_checkpoint, group_slots):
+def test_grouped_decode_gives_the_logits_of_one_group(tiny_checkpoint, group_slots, monkeypatch):
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)  # groups are the torch fallback's way
     model = load_model(tiny_checkpoint("glm45"))
     kv = PagedKVCache(model.config, num_blocks=128, block_size_tokens=4)
     gen = torch.Generator().manual_seed(5)

@@ -1,0 +1,116 @@
+"""The C++ paged decode attention (workers/csrc) against attention over the gathered context, and
+the model with and without it."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from workers import cpu_kernels
+from workers.batch import SequenceChunk, build_batch
+from workers.generate import load_model
+from workers.kv_cache import PagedKVCache
+
+pytestmark = pytest.mark.skipif(cpu_kernels.disabled_by_env(), reason=f"{cpu_kernels.DISABLE_ENV} turns them off")
+
+
+@pytest.fixture(autouse=True)
+def kernels_built():
+    # `make install` builds them; a machine with a C++ compiler must have them, so this fails, not skips
+    assert cpu_kernels.available(), f"C++ CPU kernels did not load: {cpu_kernels.load_error()}"
+
+
+def paged_case(num_kv: int, num_q: int, dim: int, lens: list[int], block_size: int, dtype: torch.dtype,
+               seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    num_blocks = sum(-(-n // block_size) for n in lens) + 3
+    k = torch.randn(num_kv, num_blocks * block_size, dim, generator=gen).to(dtype)
+    v = torch.randn(num_kv, num_blocks * block_size, dim, generator=gen).to(dtype)
+    order = random.Random(seed).sample(range(num_blocks), num_blocks)  # scattered blocks
+    widest = max(-(-n // block_size) for n in lens)
+    tables, used = [], 0
+    for n in lens:
+        count = -(-n // block_size)
+        tables.append(order[used:used + count] + [0] * (widest - count))
+        used += count
+    return k, v, torch.tensor(tables, dtype=torch.long)
+
+
+def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tables: torch.Tensor, lens: list[int],
+              block_size: int, scale: float) -> torch.Tensor:
+    out = []
+    for row, n in enumerate(lens):
+        slots = (tables[row][:, None] * block_size + torch.arange(block_size)).reshape(-1)[:n]
+        out.append(F.scaled_dot_product_attention(q[row].float()[:, None], k[:, slots].float(), v[:, slots].float(),
+                                                  scale=scale, enable_gqa=True)[:, 0])
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("num_kv,num_q,dim", [(2, 4, 32), (1, 1, 8), (2, 12, 64)])
+@pytest.mark.parametrize("cache_dtype", [torch.float32, torch.bfloat16])
+def test_kernel_matches_attention_over_the_gathered_context(num_kv, num_q, dim, cache_dtype):
+    block_size = 4
+    lens = [1, 4, 5, 13, 37, 8]  # a lone token, whole blocks, partial last blocks
+    k, v, tables = paged_case(num_kv, num_q, dim, lens, block_size, cache_dtype)
+    q = torch.randn(len(lens), num_q, dim, generator=torch.Generator().manual_seed(1))
+    out = torch.full_like(q, float("nan"))
+    scale = dim ** -0.5
+    cpu_kernels.paged_decode_attention(out, q, k, v, torch.arange(len(lens)), tables, torch.tensor(lens),
+                                       block_size, scale)
+    torch.testing.assert_close(out, reference(q, k, v, tables, lens, block_size, scale), atol=2e-6, rtol=1e-5)
+
+
+def test_kernel_writes_only_its_rows_and_reads_strided_queries():
+    k, v, tables = paged_case(2, 4, 32, [9, 3], 4, torch.float32)
+    qkv = torch.randn(5, 4 + 2 + 2, 32)  # rows of a fused q/k/v projection: q is a strided view
+    q = qkv[:, :4]
+    out = torch.zeros(5, 4, 32, dtype=torch.float32)
+    rows = torch.tensor([3, 1])
+    cpu_kernels.paged_decode_attention(out, q, k, v, rows, tables, torch.tensor([9, 3]), 4, 0.25)
+    want = reference(q[rows], k, v, tables, [9, 3], 4, 0.25)
+    torch.testing.assert_close(out[rows], want, atol=2e-6, rtol=1e-5)
+    assert out[[0, 2, 4]].abs().sum() == 0
+
+
+def test_bfloat16_queries_give_bfloat16_outputs():
+    k, v, tables = paged_case(2, 4, 32, [7, 20], 4, torch.bfloat16)
+    q = torch.randn(2, 4, 32).to(torch.bfloat16)
+    out = torch.empty_like(q)
+    cpu_kernels.paged_decode_attention(out, q, k, v, torch.arange(2), tables, torch.tensor([7, 20]), 4, 0.2)
+    torch.testing.assert_close(out.float(), reference(q, k, v, tables, [7, 20], 4, 0.2), atol=1e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"lens": [9, 100]}, "context length 100"),
+    ({"lens": [0, 3]}, "context length 0"),
+    ({"block": 1_000}, "block 1000 outside the cache"),
+    ({"rows": [0, 7]}, "row 7 outside q"),
+])
+def test_kernel_rejects_reads_outside_the_cache(change, message):
+    k, v, tables = paged_case(2, 4, 32, [9, 3], 4, torch.float32)
+    if "block" in change:
+        tables[1, 0] = change["block"]
+    q = torch.randn(2, 4, 32)
+    out = torch.empty_like(q)
+    with pytest.raises(RuntimeError, match=message):
+        cpu_kernels.paged_decode_attention(out, q, k, v, torch.tensor(change.get("rows", [0, 1])), tables,
+                                           torch.tensor(change.get("lens", [9, 3])), 4, 0.2)
+
+
+def test_model_logits_are_the_same_with_and_without_the_kernel(tiny_checkpoint, monkeypatch):
+    model = load_model(tiny_checkpoint("glm45"))
+    kv = PagedKVCache(model.config, num_blocks=64, block_size_tokens=4)
+    gen = torch.Generator().manual_seed(3)
+    chunks = []
+    for start, new in ((11, 1), (0, 6), (5, 1), (30, 1), (2, 3)):  # decode rows mixed with prefill chunks
+        table = kv.allocator.allocate(-(-(start + new) // 4))
+        ids = torch.randint(0, model.config.vocab_size, (start + new,), generator=gen).tolist()
+        if start:
+            model.forward(build_batch([SequenceChunk(ids[:start], 0, table, num_logits=0)], 4), kv)
+        chunks.append(SequenceChunk(ids[start:], start, table, num_logits=new))
+    with_kernel = model.forward(build_batch(chunks, 4), kv).logits
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    torch.testing.assert_close(model.forward(build_batch(chunks, 4), kv).logits, with_kernel, atol=1e-5, rtol=0)

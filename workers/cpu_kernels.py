@@ -1,0 +1,118 @@
+"""The project's C++ CPU kernels: built once with torch's extension builder, then loaded as torch ops.
+
+``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
+sequence straight from the paged KV cache. The build needs a C++ compiler and ninja; it runs once
+per machine (``make install`` does it, ~1 min) into ``build/cpu_kernels`` and is reused from
+there while the source is unchanged. Where it cannot be built, ``available()`` is False, a warning
+says why, and attention falls back to the pure torch path. ``MOECLUSTER_CPU_KERNELS=0`` turns the
+kernels off (to compare, or to rule them out).
+
+    .venv/bin/python -m workers.cpu_kernels      # build (or find) and load them; prints the outcome
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
+BUILD_DIR = Path(__file__).resolve().parents[1] / "build" / "cpu_kernels"
+LIBRARY_NAME = "moecluster_cpu_kernels"
+SOURCES = ("paged_decode_attention.cpp",)
+DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
+CXX_FLAGS = ("-O3", "-march=native")
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "loaded": bool, "error": str
+
+
+def disabled_by_env() -> bool:
+    return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Whether the kernels are loaded (building them on the first call if needed)."""
+    if "loaded" not in _state:
+        with _lock:
+            if "loaded" not in _state:
+                _state["loaded"] = _load()
+    return bool(_state["loaded"])
+
+
+def load_error() -> str | None:
+    """Why the kernels are not available (None when they are, or before the first ``available()``)."""
+    return _state.get("error")  # type: ignore[return-value]
+
+
+def _load() -> bool:
+    if disabled_by_env():
+        _state["error"] = f"turned off by {DISABLE_ENV}={os.environ[DISABLE_ENV]}"
+        return False
+    try:
+        library = BUILD_DIR / f"{LIBRARY_NAME}.so"
+        stamp = BUILD_DIR / "built-from.sha256"
+        fingerprint = _fingerprint()
+        if library.exists() and stamp.exists() and stamp.read_text() == fingerprint:
+            # Built from these sources: load it directly. The builder would take a lock file and run
+            # ninja in every process, and a process killed while holding that lock blocks the rest.
+            torch.ops.load_library(str(library))
+            return True
+        from torch.utils import cpp_extension
+
+        BUILD_DIR.mkdir(parents=True, exist_ok=True)
+        cpp_extension.load(
+            name=LIBRARY_NAME,
+            sources=[str(SOURCE_DIR / name) for name in SOURCES],
+            extra_cflags=list(CXX_FLAGS),
+            build_directory=str(BUILD_DIR),
+            is_python_module=False,
+            verbose=False,
+        )
+        stamp.write_text(fingerprint)
+    except Exception as exc:  # no compiler, no ninja, a failed build: run without the kernels
+        _state["error"] = f"{type(exc).__name__}: {exc}".strip()
+        log.warning("C++ CPU kernels unavailable, using the torch fallback: %s", _state["error"])
+        return False
+    return True
+
+
+def _fingerprint() -> str:
+    """What the built library depends on: the sources, the flags and the torch build."""
+    digest = hashlib.sha256()
+    for name in SOURCES:
+        digest.update((SOURCE_DIR / name).read_bytes())
+    digest.update(repr((CXX_FLAGS, torch.__version__, platform.machine())).encode())
+    return digest.hexdigest()
+
+
+def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                           rows: torch.Tensor, block_tables: torch.Tensor, context_lens: torch.Tensor,
+                           block_size: int, scale: float) -> None:
+    """Decode attention into ``out[rows]`` (in place); q and out [T, Hq, D] (q's rows may be strided,
+    out is contiguous), the caches [Hkv, slots, D] float32 or bfloat16.
+
+    Row ``rows[i]`` of q attends to the first ``context_lens[i]`` tokens of its sequence, whose
+    blocks are ``block_tables[i]``. Call only when ``available()``.
+    """
+    torch.ops.moecluster.paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens,
+                                                 block_size, scale)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if available():
+        print(f"C++ CPU kernels loaded from {BUILD_DIR}")
+    else:
+        print(f"C++ CPU kernels not available ({load_error()}); attention uses the torch fallback")
+
+
+if __name__ == "__main__":
+    main()
