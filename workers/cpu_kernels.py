@@ -1,11 +1,12 @@
 """The project's C++ CPU kernels: built once with torch's extension builder, then loaded as torch ops.
 
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
-sequence straight from the paged KV cache. The build needs a C++ compiler and ninja; it runs once
-per machine (``make install`` does it, ~1 min) into ``build/cpu_kernels`` and is reused from
-there while the source is unchanged. Where it cannot be built, ``available()`` is False, a warning
-says why, and attention falls back to the pure torch path. ``MOECLUSTER_CPU_KERNELS=0`` turns the
-kernels off (to compare, or to rule them out).
+sequence straight from the paged KV cache; ``routed_experts_`` (``workers/csrc/routed_experts.cpp``)
+runs a MoE layer's routed pairs through their experts in one call. The build needs a C++ compiler
+and ninja; it runs once per machine (``make install`` does it, about 20 s) into
+``build/cpu_kernels`` and is reused from there while the sources are unchanged. Where it cannot
+be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
+paths. ``MOECLUSTER_CPU_KERNELS=0`` turns the kernels off (to compare, or to rule them out).
 
     .venv/bin/python -m workers.cpu_kernels      # build (or find) and load them; prints the outcome
 """
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
 BUILD_DIR = Path(__file__).resolve().parents[1] / "build" / "cpu_kernels"
 LIBRARY_NAME = "moecluster_cpu_kernels"
-SOURCES = ("paged_decode_attention.cpp",)
+SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp")
+HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
 
@@ -87,7 +89,7 @@ def _load() -> bool:
 def _fingerprint() -> str:
     """What the built library depends on: the sources, the flags and the torch build."""
     digest = hashlib.sha256()
-    for name in SOURCES:
+    for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
     digest.update(repr((CXX_FLAGS, torch.__version__, platform.machine())).encode())
     return digest.hexdigest()
@@ -104,6 +106,16 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Te
     """
     torch.ops.moecluster.paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens,
                                                  block_size, scale)
+
+
+def routed_experts(out: torch.Tensor, x: torch.Tensor, pair_token: torch.Tensor, pair_local_expert: torch.Tensor,
+                   pair_weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
+    """``out[t] += sum over pairs p of token t: w_p * SwiGLU_{e_p}(x[t])``, all float32 on the CPU.
+
+    x and out [T, H]; pair_token and pair_local_expert int64 [P] (rows of the stacked weights);
+    pair_weight float32 [P]; gate_up [E, 2I, H], down [E, H, I]. Call only when ``available()``.
+    """
+    torch.ops.moecluster.routed_experts_(out, x, pair_token, pair_local_expert, pair_weight, gate_up, down)
 
 
 def main() -> None:

@@ -1,9 +1,10 @@
 """Routed experts and the expert-backend seam.
 
 ``ExpertShard`` holds the SwiGLU weights of a set of experts for every MoE layer (stacked as
-``gate_up`` [E, 2I, H] and ``down`` [E, H, I]) and computes them grouped by expert: one matmul
-pair per expert hit, or two padded batched matmuls over all held experts when the experts are
-small; never a Python loop over tokens. The same ``compute`` serves the in-process backend
+``gate_up`` [E, 2I, H] and ``down`` [E, H, I]) and computes them grouped by expert: in float32
+on the CPU one call of a C++ kernel; otherwise one matmul pair per expert hit, or two padded
+batched matmuls over all held experts when the experts are small; never a Python loop over
+tokens. The same ``compute`` serves the in-process backend
 (``LocalExperts``) and an expert worker's server loop.
 
 An ``ExpertBackend`` is what the MoE block calls: ``submit`` starts the routed computation and
@@ -21,6 +22,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from workers import cpu_kernels
 from workers.config import ModelConfig
 
 # What one expert's matmul pair costs in fixed overhead (about 10 torch calls of a few µs each),
@@ -106,8 +108,12 @@ class ExpertShard:
                 pair_weight: torch.Tensor) -> torch.Tensor:
         """``y[t] = sum over pairs p of token t: w_p * Expert_{e_p}(x[t])`` for x [n, H] → [n, H].
 
-        Pairs are sorted by expert once and their rows of x gathered once, so each expert runs on a
-        contiguous slice; the weighted outputs are scattered back with a single ``index_add_``.
+        In float32 on the CPU, one call of the C++ kernel (``workers.cpu_kernels.routed_experts``)
+        does it all when the kernels are built: 2-4x faster than the torch paths below at every
+        expert size measured, since it reads each weight row once per tile of four rows.
+        Otherwise (other dtypes, CUDA, no compiler), pairs are sorted by expert once and their rows
+        of x gathered once, so each expert runs on a contiguous slice; the weighted outputs are
+        scattered back with a single ``index_add_``.
         When padding every held expert to the largest group wastes less arithmetic than the
         per-expert overhead it saves (``PER_EXPERT_OVERHEAD_FLOPS``: small experts, as in the tiny
         checkpoints), the groups run as two batched matmuls over all held experts instead.
@@ -123,6 +129,11 @@ class ExpertShard:
         if counts[num_local]:
             missing = sorted(set(pair_expert[local == num_local].tolist()))
             raise ValueError(f"experts {missing} of layer {layer} are not held here")
+        if self._kernel_fits(x, gate_up, down):
+            out = torch.zeros(x.shape, dtype=torch.float32)
+            cpu_kernels.routed_experts(out, x.contiguous(), pair_token.long().contiguous(), local,
+                                       pair_weight.float().contiguous(), gate_up, down)
+            return out
         order = torch.argsort(local, stable=True)
         rows = pair_token.index_select(0, order)
         xs = x.index_select(0, rows)  # [P, H], grouped by expert
@@ -140,6 +151,12 @@ class ExpertShard:
         weighted = ys.mul_(weight) if ys.dtype == torch.float32 else ys * weight
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, weighted)
         return out.to(x.dtype)
+
+    @staticmethod
+    def _kernel_fits(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
+        """Whether the C++ kernel computes these experts: float32 on the CPU, widths a multiple of 8."""
+        return (x.device.type == "cpu" and x.dtype == gate_up.dtype == down.dtype == torch.float32
+                and gate_up.shape[2] % 8 == 0 and down.shape[2] % 8 == 0 and cpu_kernels.available())
 
     @staticmethod
     def _per_expert(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from workers import experts
+from workers import cpu_kernels, experts
 from workers.experts import ExpertShard, topk_to_pairs
 
 NUM_EXPERTS, HIDDEN, INTERMEDIATE, LAYER = 8, 16, 8, 1
@@ -32,12 +32,23 @@ def routing(num_tokens: int, k: int, seed: int) -> tuple[torch.Tensor, torch.Ten
     return x, *topk_to_pairs(ids, torch.rand(num_tokens, k, generator=gen))
 
 
-# 0: always a matmul pair per expert; 10**12: always the padded batched matmuls
-@pytest.mark.parametrize("overhead_flops", [0, 10**12])
+PATHS = ["kernel", "per-expert", "padded"]
+
+
+def take_path(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make ExpertShard.compute take one of its three ways of computing."""
+    if path == "kernel":
+        assert cpu_kernels.available(), f"C++ CPU kernels did not load: {cpu_kernels.load_error()}"
+        return
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    # 0: always a matmul pair per expert; 10**12: always the padded batched matmuls
+    monkeypatch.setattr(experts, "PER_EXPERT_OVERHEAD_FLOPS", 0 if path == "per-expert" else 10**12)
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("num_tokens", [0, 1, 5, 40])
-def test_compute_matches_pair_by_pair_reference(num_tokens: int, overhead_flops: int,
-                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experts, "PER_EXPERT_OVERHEAD_FLOPS", overhead_flops)
+def test_compute_matches_pair_by_pair_reference(num_tokens: int, path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    take_path(path, monkeypatch)
     shard, gate_up, down = make_shard(list(range(NUM_EXPERTS)))
     x, pair_token, pair_expert, pair_weight = routing(num_tokens, 3, seed=num_tokens)
     got = shard.compute(LAYER, x, pair_token, pair_expert, pair_weight)
@@ -46,10 +57,9 @@ def test_compute_matches_pair_by_pair_reference(num_tokens: int, overhead_flops:
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("overhead_flops", [0, 10**12])
-def test_compute_takes_pairs_in_any_order_and_a_subset_of_experts(overhead_flops: int,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(experts, "PER_EXPERT_OVERHEAD_FLOPS", overhead_flops)
+@pytest.mark.parametrize("path", PATHS)
+def test_compute_takes_pairs_in_any_order_and_a_subset_of_experts(path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    take_path(path, monkeypatch)
     held = [1, 4, 6]
     shard, gate_up, down = make_shard(held)
     gen = torch.Generator().manual_seed(1)
@@ -82,7 +92,10 @@ def test_compute_half_precision_returns_input_dtype() -> None:
         (2, [0, 1], KeyError, "MoE layer 2 is not held here"),
     ],
 )
-def test_compute_rejects_what_it_cannot_serve(layer: int, experts: list[int], error: type, message: str) -> None:
+@pytest.mark.parametrize("path", PATHS)
+def test_compute_rejects_what_it_cannot_serve(layer: int, experts: list[int], error: type, message: str, path: str,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    take_path(path, monkeypatch)
     shard, _, _ = make_shard([0, 1, 2])
     with pytest.raises(error, match=message):
         shard.compute(layer, torch.zeros(2, HIDDEN), torch.tensor([0, 1], dtype=torch.int32),

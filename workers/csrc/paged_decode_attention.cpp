@@ -18,59 +18,14 @@
 #include <limits>
 #include <vector>
 
+#include "float8.h"
+
 namespace {
+
+using namespace moecluster;
 
 inline float to_float(float x) { return x; }
 inline float to_float(c10::BFloat16 x) { return static_cast<float>(x); }
-
-// Eight floats as one vector (GCC/Clang vector extension): AVX with -march=native on x86, NEON
-// pairs on ARM, plain scalar code elsewhere; dim must be a multiple of 8 (head_dim always is).
-typedef float float8 __attribute__((vector_size(32)));
-
-inline float8 load8(const float* p) {
-  float8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-inline void store8(float* p, float8 v) { std::memcpy(p, &v, sizeof(v)); }
-
-inline float sum8(float8 v) {
-  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
-}
-
-inline float dot(const float* q, const float* k, int64_t dim) {
-  float8 acc = {};
-  for (int64_t d = 0; d < dim; d += 8) acc += load8(q + d) * load8(k + d);
-  return sum8(acc);
-}
-
-inline void axpy(float* out, float w, const float* v, int64_t dim) {
-  for (int64_t d = 0; d < dim; d += 8) store8(out + d, load8(out + d) + w * load8(v + d));
-}
-
-// exp of eight floats at once, for x <= 0 (scores minus their maximum): x = n ln2 + r with
-// |r| <= ln2 / 2, exp(r) by its Taylor series to r^7 (relative error below 1e-7), times 2^n built
-// in the exponent bits. Below -87 the result is clamped to about 1e-38 instead of underflowing.
-inline float8 exp8_nonpositive(float8 x) {
-  typedef int int8v __attribute__((vector_size(32)));
-  const float8 lowest = x * 0.f - 87.0f;
-  x = x < lowest ? lowest : x;
-  const float8 n = __builtin_convertvector(
-      __builtin_convertvector(x * 1.44269504088896341f - 0.5f, int8v), float8);  // round to nearest, x <= 0
-  const float8 r = (x - n * 0.693359375f) + n * 2.12194440e-4f;  // ln2 split in two for exactness
-  float8 p = r * (1.f / 5040) + (1.f / 720);
-  p = p * r + (1.f / 120);
-  p = p * r + (1.f / 24);
-  p = p * r + (1.f / 6);
-  p = p * r + 0.5f;
-  p = p * r + 1.f;
-  p = p * r + 1.f;
-  const int8v bits = (__builtin_convertvector(n, int8v) + 127) << 23;
-  float8 scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
 
 // Ask for a block's cache lines ahead of use: blocks sit at scattered places in the cache.
 template <typename T>
@@ -147,7 +102,7 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         float8 totals = {};
         int64_t p = 0;
         for (; p + 8 <= length; p += 8) {
-          const float8 e = exp8_nonpositive(load8(s + p) - peak);
+          const float8 e = exp8(load8(s + p) - peak);
           store8(s + p, e);
           totals += e;
         }
