@@ -1,7 +1,7 @@
 """The project's C++ CPU kernels: built once with torch's extension builder, then loaded as torch ops.
 
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
-sequence straight from the paged KV cache; ``routed_experts_`` (``workers/csrc/routed_experts.cpp``)
+sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
 runs a MoE layer's routed pairs through their experts in one call. The build needs a C++ compiler
 and ninja; it runs once per machine (``make install`` does it, about 20 s) into
 ``build/cpu_kernels`` and is reused from there while the sources are unchanged. Where it cannot
@@ -108,14 +108,16 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Te
                                                  block_size, scale)
 
 
-def routed_experts(out: torch.Tensor, x: torch.Tensor, pair_token: torch.Tensor, pair_local_expert: torch.Tensor,
-                   pair_weight: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> None:
-    """``out[t] += sum over pairs p of token t: w_p * SwiGLU_{e_p}(x[t])``, all float32 on the CPU.
+def routed_experts(x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor,
+                   local_index: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    """``y[t] = sum over pairs p of token t: w_p * SwiGLU_{e_p}(x[t])``, float32 [T, H], on the CPU.
 
-    x and out [T, H]; pair_token and pair_local_expert int64 [P] (rows of the stacked weights);
-    pair_weight float32 [P]; gate_up [E, 2I, H], down [E, H, I]. Call only when ``available()``.
+    x [T, H] float32; pair_token and pair_expert int32 or int64 [P] (global expert ids);
+    pair_weight float32 [P]; local_index int64 [num_experts]: the row of each expert in gate_up
+    [E, 2I, H] and down [E, H, I], E for an expert not held. Raises IndexError for a token or
+    expert id out of range and ValueError for an expert not held. Call only when ``available()``.
     """
-    torch.ops.moecluster.routed_experts_(out, x, pair_token, pair_local_expert, pair_weight, gate_up, down)
+    return torch.ops.moecluster.routed_experts(x, pair_token, pair_expert, pair_weight, local_index, gate_up, down)
 
 
 def main() -> None:

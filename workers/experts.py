@@ -75,6 +75,7 @@ class ExpertShard:
         # last row, so the per-expert counts of `compute` also count the pairs it cannot serve.
         self.local_index = torch.full((num_experts,), len(self.expert_ids), dtype=torch.long)
         self.local_index[self.expert_ids] = torch.arange(len(self.expert_ids))
+        self._kernel_fit: dict[int, bool] = {}
 
     @classmethod
     def from_tensors(cls, config: ModelConfig, expert_ids: Iterable[int],
@@ -102,6 +103,7 @@ class ExpertShard:
     def to(self, device: torch.device | str) -> ExpertShard:
         self.layers = {k: (g.to(device), d.to(device)) for k, (g, d) in self.layers.items()}
         self.local_index = self.local_index.to(device)
+        self._kernel_fit.clear()
         return self
 
     def compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
@@ -123,17 +125,18 @@ class ExpertShard:
         if layer not in self.layers:
             raise KeyError(f"MoE layer {layer} is not held here (layers: {sorted(self.layers)})")
         gate_up, down = self.layers[layer]
+        if x.dtype == torch.float32 and x.device.type == "cpu" and self._kernel_fits(layer):
+            try:
+                return cpu_kernels.routed_experts(x.contiguous(), pair_token.contiguous(), pair_expert.contiguous(),
+                                                  pair_weight.float().contiguous(), self.local_index, gate_up, down)
+            except ValueError:
+                pass  # an expert not held here: the checks below name every one
         num_local = len(self.expert_ids)
         local = self.local_index.index_select(0, pair_expert)  # bounds-checked, negative ids included
         counts = torch.bincount(local, minlength=num_local + 1).tolist()
         if counts[num_local]:
             missing = sorted(set(pair_expert[local == num_local].tolist()))
             raise ValueError(f"experts {missing} of layer {layer} are not held here")
-        if self._kernel_fits(x, gate_up, down):
-            out = torch.zeros(x.shape, dtype=torch.float32)
-            cpu_kernels.routed_experts(out, x.contiguous(), pair_token.long().contiguous(), local,
-                                       pair_weight.float().contiguous(), gate_up, down)
-            return out
         order = torch.argsort(local, stable=True)
         rows = pair_token.index_select(0, order)
         xs = x.index_select(0, rows)  # [P, H], grouped by expert
@@ -152,11 +155,16 @@ class ExpertShard:
         out = torch.zeros(x.shape, dtype=torch.float32, device=x.device).index_add_(0, rows, weighted)
         return out.to(x.dtype)
 
-    @staticmethod
-    def _kernel_fits(x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> bool:
-        """Whether the C++ kernel computes these experts: float32 on the CPU, widths a multiple of 8."""
-        return (x.device.type == "cpu" and x.dtype == gate_up.dtype == down.dtype == torch.float32
+    def _kernel_fits(self, layer: int) -> bool:
+        """Whether the C++ kernel can compute this layer's experts: float32 weights on the CPU, their
+        widths a multiple of 8, and the kernels built. Worked out once per layer."""
+        fits = self._kernel_fit.get(layer)
+        if fits is None:
+            gate_up, down = self.layers[layer]
+            fits = self._kernel_fit[layer] = (
+                gate_up.device.type == "cpu" and gate_up.dtype == down.dtype == torch.float32
                 and gate_up.shape[2] % 8 == 0 and down.shape[2] % 8 == 0 and cpu_kernels.available())
+        return fits
 
     @staticmethod
     def _per_expert(gate_up: torch.Tensor, down: torch.Tensor, xs: torch.Tensor, counts: list[int]) -> torch.Tensor:

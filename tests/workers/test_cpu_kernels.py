@@ -116,17 +116,18 @@ def test_model_logits_are_the_same_with_and_without_the_kernel(tiny_checkpoint, 
     torch.testing.assert_close(model.forward(build_batch(chunks, 4), kv).logits, with_kernel, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("tokens,rows,message", [
-    ([0, 3], [0, 1], "pair 1: token 3 outside"),
-    ([0, 1], [0, 2], "pair 1: expert row 2 outside"),
-    ([0, -1], [0, 1], "pair 1: token -1 outside"),
+@pytest.mark.parametrize("tokens,experts,error,message", [
+    ([0, 3], [0, 1], IndexError, "pair 1: token 3 out of range"),
+    ([0, -1], [0, 1], IndexError, "pair 1: token -1 out of range"),
+    ([0, 1], [0, 4], IndexError, "pair 1: expert id 4 out of range"),
+    ([0, 1], [0, 2], ValueError, "pair 1: expert 2 is not held here"),
 ])
-def test_routed_experts_kernel_rejects_pairs_outside_its_tensors(tokens, rows, message):
+def test_routed_experts_kernel_rejects_pairs_it_cannot_serve(tokens, experts, error, message):
     gate_up, down = torch.randn(2, 16, 8), torch.randn(2, 8, 8)
-    x = torch.randn(3, 8)
-    with pytest.raises(RuntimeError, match=message):
-        cpu_kernels.routed_experts(torch.zeros(3, 8), x, torch.tensor(tokens), torch.tensor(rows), torch.ones(2),
-                                   gate_up, down)
+    local_index = torch.tensor([0, 1, 2, 2])  # experts 0 and 1 held, 2 and 3 not
+    with pytest.raises(error, match=message):
+        cpu_kernels.routed_experts(torch.randn(3, 8), torch.tensor(tokens, dtype=torch.int32),
+                                   torch.tensor(experts, dtype=torch.int32), torch.ones(2), local_index, gate_up, down)
 
 
 def test_expert_widths_off_the_kernels_vector_width_take_the_torch_path():
@@ -135,7 +136,7 @@ def test_expert_widths_off_the_kernels_vector_width_take_the_torch_path():
     gen = torch.Generator().manual_seed(0)
     gate_up, down = torch.randn(2, 12, 10, generator=gen), torch.randn(2, 10, 6, generator=gen)  # H 10, I 6
     shard = ExpertShard([0, 1], 2, {1: (gate_up, down)})
-    assert not shard._kernel_fits(torch.zeros(1, 10), gate_up, down)
+    assert not shard._kernel_fits(1)
     x = torch.randn(3, 10, generator=gen)
     got = shard.compute(1, x, torch.tensor([0, 2, 1], dtype=torch.int32), torch.tensor([1, 0, 1], dtype=torch.int32),
                         torch.tensor([0.5, 1.0, 2.0]))

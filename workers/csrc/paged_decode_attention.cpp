@@ -83,14 +83,16 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
       // scores[g, p] = q_g . k_p over the sequence's blocks, block by block
       for (int64_t start = 0; start < length; start += block_size) {
         const int64_t count = std::min(block_size, length - start);
-        if (start + block_size < length) prefetch(k_head + table[start / block_size + 1] * block_size * dim, block_size * dim);
+        if (start + 4 * block_size < length) prefetch(k_head + table[start / block_size + 4] * block_size * dim, block_size * dim);
         prefetch(v_head + table[start / block_size] * block_size * dim, count * dim);
         const float* k_block =
             block_rows(k_head + table[start / block_size] * block_size * dim, count * dim, converted.data());
-        for (int64_t t = 0; t < count; ++t) {
-          for (int64_t g = 0; g < group; ++g) {
-            scores[g * length + start + t] = dot(query.data() + g * dim, k_block + t * dim, dim);
-          }
+        for (int64_t g = 0; g < group; ++g) {
+          float* s = scores.data() + g * length + start;
+          const float* q = query.data() + g * dim;
+          int64_t t = 0;
+          for (; t + 8 <= count; t += 8) dot_rows8(s + t, q, k_block + t * dim, dim);
+          for (; t < count; ++t) s[t] = dot(q, k_block + t * dim, dim);
         }
       }
       // softmax per query head, left unnormalised until the end
@@ -118,10 +120,8 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         const int64_t count = std::min(block_size, length - start);
         const float* v_block =
             block_rows(v_head + table[start / block_size] * block_size * dim, count * dim, converted.data());
-        for (int64_t t = 0; t < count; ++t) {
-          for (int64_t g = 0; g < group; ++g) {
-            axpy(acc.data() + g * dim, scores[g * length + start + t], v_block + t * dim, dim);
-          }
+        for (int64_t g = 0; g < group; ++g) {
+          weighted_rows(acc.data() + g * dim, scores.data() + g * length + start, v_block, count, dim);
         }
       }
       io_t* out_row = out_data + (row * num_q_heads + kv_head * group) * dim;
