@@ -3,8 +3,8 @@
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
 sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
 runs a MoE layer's routed pairs through their experts in one call. The build needs a C++ compiler
-and ninja; it runs once per machine (``make install`` does it, about 20 s) into
-``build/cpu_kernels`` and is reused from there while the sources are unchanged. Where it cannot
+and ninja; it runs once per machine (``make install`` does it, about 30 s) into ``BUILD_DIR``
+(``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged. Where it cannot
 be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
 paths. ``MOECLUSTER_CPU_KERNELS=0`` turns the kernels off (to compare, or to rule them out).
 
@@ -25,7 +25,21 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE_DIR = Path(__file__).resolve().parent / "csrc"
-BUILD_DIR = Path(__file__).resolve().parents[1] / "build" / "cpu_kernels"
+BUILD_DIR_ENV = "MOECLUSTER_KERNEL_BUILD_DIR"
+
+
+def _build_dir() -> Path:
+    """``$MOECLUSTER_KERNEL_BUILD_DIR``; else ``build/cpu_kernels`` of a source checkout (``make
+    install``); else, for an installed wheel, ``~/.cache/moecluster/cpu_kernels``."""
+    if os.environ.get(BUILD_DIR_ENV):
+        return Path(os.environ[BUILD_DIR_ENV])
+    checkout = Path(__file__).resolve().parents[1]
+    if (checkout / "pyproject.toml").exists():
+        return checkout / "build" / "cpu_kernels"
+    return Path.home() / ".cache" / "moecluster" / "cpu_kernels"
+
+
+BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
 SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp")
 HEADERS = ("float8.h",)
