@@ -2,7 +2,8 @@
 
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
 sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
-runs a MoE layer's routed pairs through their experts in one call. The build needs a C++ compiler
+runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
+``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call. The build needs a C++ compiler
 and ninja; it runs once per machine (``make install`` does it, about 30 s) into ``BUILD_DIR``
 (``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged. Where it cannot
 be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
@@ -41,7 +42,7 @@ def _build_dir() -> Path:
 
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
-SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp")
+SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp")
 HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
@@ -132,6 +133,17 @@ def routed_experts(x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch
     expert id out of range and ValueError for an expert not held. Call only when ``available()``.
     """
     return torch.ops.moecluster.routed_experts(x, pair_token, pair_expert, pair_weight, local_index, gate_up, down)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """``weight * (x * rsqrt(mean(x², -1) + eps))``; x [..., H] and weight [H] float32, contiguous, H % 8 == 0."""
+    return torch.ops.moecluster.rms_norm(x, weight, eps)
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
+                 eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(x + residual, rms_norm(x + residual))`` in one call; the same conditions as ``rms_norm``."""
+    return torch.ops.moecluster.add_rms_norm(x, residual, weight, eps)
 
 
 def main() -> None:

@@ -46,9 +46,23 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts: one fused call
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:  # no casts
+            if self._kernel_fits(x):  # one C++ call instead of torch's half a dozen on the CPU
+                return cpu_kernels.rms_norm(x, self.weight, self.eps)
             return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
         return self.weight * F.rms_norm(x.float(), self.weight.shape, eps=self.eps).to(x.dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + residual, self(x + residual))``, fused into one call where the C++ kernel fits."""
+        if x.dtype == residual.dtype == self.weight.dtype == torch.float32 and residual.is_contiguous() \
+                and self._kernel_fits(x):
+            return cpu_kernels.add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return total, self(total)
+
+    def _kernel_fits(self, x: torch.Tensor) -> bool:
+        return (x.is_cpu and x.shape[-1] % 8 == 0 and x.is_contiguous() and self.weight.is_cpu
+                and cpu_kernels.available())
 
 
 class RotaryEmbedding:

@@ -64,8 +64,8 @@ class DecoderLayer(nn.Module):
     def stages(self, x: torch.Tensor, batch: ForwardBatch, rope: tuple[torch.Tensor, torch.Tensor],
                kv: PagedKVCache) -> Generator[None, None, torch.Tensor]:
         """The same computation as ``forward``, pausing once while the routed experts are away."""
-        x = x + self.self_attn(self.input_layernorm(x), batch, rope, *kv.layer(self.layer_index))
-        normed = self.post_attention_layernorm(x)
+        attn = self.self_attn(self.input_layernorm(x), batch, rope, *kv.layer(self.layer_index))
+        x, normed = self.post_attention_layernorm.add_forward(attn, x)
         if not isinstance(self.mlp, MoE):
             return x + self.mlp(normed)
         pending, shared = self.mlp.start(normed)

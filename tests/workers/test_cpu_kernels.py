@@ -142,3 +142,23 @@ def test_expert_widths_off_the_kernels_vector_width_take_the_torch_path():
                         torch.tensor([0.5, 1.0, 2.0]))
     gate, up = F.linear(x[2], gate_up[0]).chunk(2)
     torch.testing.assert_close(got[2], F.linear(F.silu(gate) * up, down[0]), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("shape", [(5, 64), (3, 4, 32), (1, 8)])
+def test_rms_norm_kernels_match_torch(shape):
+    gen = torch.Generator().manual_seed(2)
+    x, residual = torch.randn(shape, generator=gen) * 3, torch.randn(shape, generator=gen)
+    weight = torch.rand(shape[-1], generator=gen) + 0.5
+    torch.testing.assert_close(cpu_kernels.rms_norm(x, weight, 1e-5), F.rms_norm(x, weight.shape, weight, 1e-5))
+    total, normed = cpu_kernels.add_rms_norm(x, residual, weight, 1e-6)
+    torch.testing.assert_close(total, x + residual, rtol=0, atol=0)
+    torch.testing.assert_close(normed, F.rms_norm(x + residual, weight.shape, weight, 1e-6))
+
+
+def test_rms_norm_kernel_rejects_what_it_cannot_compute():
+    with pytest.raises(RuntimeError, match="multiple of 8"):
+        cpu_kernels.rms_norm(torch.randn(2, 10), torch.ones(10), 1e-5)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.rms_norm(torch.randn(2, 8).double(), torch.ones(8), 1e-5)
+    with pytest.raises(RuntimeError, match="shaped like x"):
+        cpu_kernels.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5)
