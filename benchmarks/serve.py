@@ -26,9 +26,11 @@ on the same requests, after a warm-up of each; the coordinator process (``local`
 time of our processes (this one and the cluster's workers) and of everything else (Ray's own
 daemons included) is read from /proc and reported in cores.
 
-For the engines each step the coordinator runs (``executor.execute``) is timed from outside, and
-the time left over is the coordinator's own (scheduling, streaming, the asyncio client); for the
-cluster the dispatcher's round-trip counters show what a step pays for being distributed.
+For the engines each step the coordinator runs is timed from outside, from ``executor.launch`` to
+the end of ``executor.collect``, and the time left over is the coordinator's own on the step's
+critical path (scheduling and the hand-offs; the previous step's tokens are streamed while a
+step runs); for the cluster the dispatcher's round-trip counters show what a step pays for being
+distributed.
 
     .venv/bin/python benchmarks/serve.py [--quick] [--write-docs]
 
@@ -182,21 +184,28 @@ def summary_ms(values: Sequence[float]) -> tuple[float, float, float]:
 
 # ---- engines --------------------------------------------------------------------------------------
 class TimedExecutor:
-    """Wraps an engine's executor to time each step from outside (the library is not touched)."""
+    """Wraps an engine's executor to time each step from outside (the library is not touched):
+    from ``launch`` (the step is sent) to the end of ``collect`` (its outputs are back)."""
 
     def __init__(self, engine: Engine) -> None:
         self.stats = StepStats()
-        self._execute = engine.executor.execute
-        engine.executor.execute = self  # type: ignore[method-assign]
+        self._launch = engine.executor.launch
+        self._collect = engine.executor.collect
+        self._started = 0.0
+        engine.executor.launch = self.launch  # type: ignore[method-assign]
+        engine.executor.collect = self.collect  # type: ignore[method-assign]
 
-    def __call__(self, steps: dict[int, Any]) -> Any:
-        start = time.perf_counter()
-        out = self._execute(steps)
-        self.stats.execute_s += time.perf_counter() - start
-        self.stats.steps += 1
+    def launch(self, steps: dict[int, Any]) -> Any:
+        self._started = time.perf_counter()
         for chunks, _sampling in steps.values():
             self.stats.tokens += sum(len(c.token_ids) for c in chunks)
             self.stats.rows += len(chunks)
+        return self._launch(steps)
+
+    def collect(self, launched: Any) -> Any:
+        out = self._collect(launched)
+        self.stats.execute_s += time.perf_counter() - self._started
+        self.stats.steps += 1
         return out
 
 
@@ -542,7 +551,8 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         "Output tokens/s relative to each other (padded tokens: share of the tokens static batches "
         "compute past a request's own length):", "",
         ratio_table(results, concurrencies), "",
-        "Engine steps, timed around `executor.execute` (outside = the coordinator's own time per step):", "",
+        "Engine steps, timed from `executor.launch` to the end of `executor.collect` (outside = the "
+        "coordinator's own time per step between them):", "",
         steps_table(results), "",
         "Reading:", "",
         reading(results, concurrencies, args.expert_workers), "",

@@ -216,20 +216,30 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
         assert self._wake is not None
+        # Tokens sampled in the last step whose text is yet to be made and streamed: done while the
+        # next step runs (async output processing), since the schedule needs only the token ids.
+        deferred: list[tuple[Request, StepOutput, int]] = []
         while True:
             if not self.scheduler.has_work():
+                self._emit_all(deferred)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
             plans = self.scheduler.schedule()
             if not plans:
+                self._emit_all(deferred)
                 await asyncio.sleep(0.001)
                 continue
             self._in_flight = {s.request for plan in plans.values() for s in plan.scheduled}
             steps = {w: (p.chunks, p.sampling) for w, p in plans.items()}
             try:
-                outputs = await asyncio.to_thread(self.executor.execute, steps)
+                # Sent from this thread, so the workers start at once; the previous step's tokens are
+                # streamed while they compute (a thread sending the step would wait for the GIL).
+                launched = self.executor.launch(steps)
+                self._emit_all(deferred)
+                outputs = await asyncio.to_thread(self.executor.collect, launched)
             except ClusterError as exc:
+                self._emit_all(deferred)
                 log.error("step failed: %s", exc)
                 lost = await asyncio.to_thread(self.executor.lost_workers)
                 self._in_flight = set()
@@ -244,7 +254,7 @@ class Engine:
             self._in_flight = set()
             self.num_steps += 1
             for worker, plan in plans.items():
-                self._apply(plan, outputs[worker])
+                deferred += self._apply(plan, outputs[worker])
 
     def _fail_step(self, plans: dict[int, WorkerPlan], reason: str) -> None:
         """A worker failed: end the step's requests with an error rather than hang or retry blindly."""
@@ -252,7 +262,11 @@ class Engine:
             for entry in plan.scheduled:
                 self._finish(entry.request, "abort", error=reason)
 
-    def _apply(self, plan: WorkerPlan, output: StepOutput) -> None:
+    def _apply(self, plan: WorkerPlan, output: StepOutput) -> list[tuple[Request, StepOutput, int]]:
+        """Advance the step's requests by what it computed, and return the sampled tokens still to
+        stream. A token that ends its request (a stop token id, a length limit) is streamed at once,
+        so the request is never scheduled again; the rest wait for ``_emit_all``."""
+        deferred = []
         row = 0
         for entry in plan.scheduled:
             request = entry.request
@@ -265,12 +279,30 @@ class Engine:
                 row += entry.samples
                 continue
             if entry.samples:
-                self._append_token(request, output, row)
+                token = output.token_ids[row]
+                request.output_ids.append(token)
+                if token in request.stop_token_ids or self._at_length_limit(request):
+                    self._emit(request, output, row)
+                else:
+                    deferred.append((request, output, row))
                 row += 1
+        return deferred
 
-    def _append_token(self, request: Request, output: StepOutput, row: int) -> None:
+    def _emit_all(self, deferred: list[tuple[Request, StepOutput, int]]) -> None:
+        for request, output, row in deferred:
+            if request.status is not RequestStatus.FINISHED:  # not aborted meanwhile
+                self._emit(request, output, row)
+        deferred.clear()
+
+    @staticmethod
+    def _at_length_limit(request: Request) -> bool:
+        return (len(request.output_ids) >= request.params.max_new_tokens
+                or request.num_tokens >= request.max_total_tokens)
+
+    def _emit(self, request: Request, output: StepOutput, row: int) -> None:
+        """Detokenize a sampled token (already in ``request.output_ids``), apply the stop strings,
+        token ids and length limits, and stream the update."""
         token = output.token_ids[row]
-        request.output_ids.append(token)
         text_delta = request.detokenizer.step([token])
         request.text += text_delta
         check = request.stop_checker.check(request.text, len(text_delta))
@@ -280,8 +312,7 @@ class Engine:
             finish = "stop"
         elif token in request.stop_token_ids:
             finish = "stop"
-        elif (len(request.output_ids) >= request.params.max_new_tokens
-              or request.num_tokens >= request.max_total_tokens):
+        elif self._at_length_limit(request):
             finish = "length"
         if finish is not None and not check.stopped:
             request.text += request.detokenizer.flush()

@@ -3,7 +3,9 @@
 ``LocalExecutor`` runs one attention worker's steps in this process with every expert local
 (tests, the reference engine, the benchmark baseline). ``ClusterExecutor`` sends each attention
 worker its step as one message over the step channel (``cluster.step_channel``, ZMQ; Ray calls
-are for control and health); steps of different attention workers run concurrently.
+are for control and health); steps of different attention workers run concurrently. ``launch``
+sends a step and returns, ``collect`` waits for it: the engine streams the previous step's tokens
+in between.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import torch
 
 from cluster.errors import WorkerFailure
 from cluster.runtime import Cluster, unwrap_ray_error
-from cluster.step_channel import StepChannel, WorkerStep
+from cluster.step_channel import SentStep, StepChannel, WorkerStep
 from workers.config import ModelConfig
 from workers.generate import load_model
 from workers.kv_cache import PagedKVCache
@@ -31,6 +33,12 @@ class StepExecutor(Protocol):
 
     def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
         """Run each attention worker's step (keys: worker index); raises WorkerFailure."""
+
+    def launch(self, steps: dict[int, WorkerStep]) -> Any:
+        """Start ``steps`` and return at once (a handle for ``collect``); raises WorkerFailure."""
+
+    def collect(self, launched: Any) -> dict[int, StepOutput]:
+        """The outputs of a launched step (blocks until it is done); raises WorkerFailure."""
 
     def workers(self) -> list[dict[str, Any]]:
         """One dict per worker: role, index, node_id, state."""
@@ -59,6 +67,12 @@ class LocalExecutor:
     def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
         return {w: self.runner.execute(*step) for w, step in steps.items()}
 
+    def launch(self, steps: dict[int, WorkerStep]) -> dict[int, WorkerStep]:
+        return steps  # computed by collect, in the caller's thread
+
+    def collect(self, launched: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        return self.execute(launched)
+
     def workers(self) -> list[dict[str, Any]]:
         return [{"role": "attention+expert", "index": 0, "node_id": "local", "state": "ready"}]
 
@@ -85,8 +99,14 @@ class ClusterExecutor:
         self.channel = StepChannel(cluster.step_endpoints, cluster.config.step_timeout_s)
 
     def execute(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        return self.collect(self.launch(steps))
+
+    def launch(self, steps: dict[int, WorkerStep]) -> SentStep:
+        return self.channel.send(steps)
+
+    def collect(self, launched: SentStep) -> dict[int, StepOutput]:
         try:
-            return self.channel.run(steps)
+            return self.channel.collect(launched)
         except WorkerFailure:
             self._failed.update(("attention", w) for w in self.channel.lost_workers())
             raise

@@ -1,7 +1,8 @@
 """StepChannel: the coordinator's end of the step channel to the attention workers.
 
 One DEALER socket per attention worker; ``run`` sends each worker its step (``workers.step_wire``)
-and waits for every reply. The steps of different workers run concurrently. A worker whose
+and waits for every reply (``send`` and ``collect`` are its two halves, for a caller that works
+while the step runs). The steps of different workers run concurrently. A worker whose
 connection drops (its process died) fails the step at once through a ZMQ socket monitor; a step
 that failed on the worker comes back as an error reply, and a worker that does not answer within
 ``timeout_s`` (hung, or its process stopped) fails the step when the time is up; all three raise
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from dataclasses import dataclass
 
 import zmq
 
@@ -23,6 +25,14 @@ from workers.model_runner import RowSampling, StepOutput
 from workers.step_wire import StepWireError, decode_reply, encode_step
 
 WorkerStep = tuple[list[SequenceChunk], list[RowSampling]]
+
+
+@dataclass(frozen=True)
+class SentStep:
+    """A step sent to some attention workers, whose replies are still to collect."""
+
+    step_id: int
+    workers: frozenset[int]
 
 
 class StepChannel:
@@ -45,12 +55,23 @@ class StepChannel:
 
     def run(self, steps: dict[int, WorkerStep]) -> dict[int, StepOutput]:
         """Run each worker's step (keys: worker index) and return their outputs."""
+        return self.collect(self.send(steps))
+
+    def send(self, steps: dict[int, WorkerStep]) -> SentStep:
+        """Send each worker its step and return at once; ``collect`` waits for the replies.
+
+        The two may run on different threads, one after the other (never at the same time)."""
         if self._closed:
             raise RuntimeError("step channel is closed")
         step_id = next(self._step_ids)
         for worker, (chunks, sampling) in steps.items():
             self._sockets[worker].send(encode_step(step_id, chunks, sampling), copy=False)
-        waiting = set(steps)
+        return SentStep(step_id, frozenset(steps))
+
+    def collect(self, sent: SentStep) -> dict[int, StepOutput]:
+        """Wait for every reply to a ``send``; raises WorkerFailure as described above."""
+        step_id = sent.step_id
+        waiting = set(sent.workers)
         out: dict[int, StepOutput] = {}
         errors: dict[int, str] = {}
         deadline = None if self.timeout_s is None else time.monotonic() + self.timeout_s
