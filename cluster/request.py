@@ -63,6 +63,13 @@ class Request:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_ids[start:end]`` without building all_ids when the range lies in the output (decode)."""
+        prompt_len = len(self.prompt_ids)
+        if start >= prompt_len:
+            return self.output_ids[start - prompt_len:end - prompt_len]
+        return self.all_ids[start:end]
+
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)

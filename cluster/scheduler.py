@@ -145,7 +145,7 @@ class Scheduler:
             if victim is request:
                 return
         samples = end == request.num_tokens
-        plan.chunks.append(SequenceChunk(request.all_ids[request.num_cached:end], request.num_cached,
+        plan.chunks.append(SequenceChunk(request.token_ids(request.num_cached, end), request.num_cached,
                                          list(request.block_table), num_logits=int(samples)))
         if samples:
             penalties = request.params.has_penalties
