@@ -3,7 +3,8 @@
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
 sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
 runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
-``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call. The build needs a C++ compiler
+``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call; ``moe_route``
+(``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul. The build needs a C++ compiler
 and ninja; it runs once per machine (``make install`` does it, about 30 s) into ``BUILD_DIR``
 (``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged. Where it cannot
 be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
@@ -42,7 +43,7 @@ def _build_dir() -> Path:
 
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
-SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp")
+SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp")
 HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
@@ -144,6 +145,14 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + residual, rms_norm(x + residual))`` in one call; the same conditions as ``rms_norm``."""
     return torch.ops.moecluster.add_rms_norm(x, residual, weight, eps)
+
+
+def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
+              norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Router logits [T, E] float32 → (expert ids [T, K] int64, weights [T, K] float32), as
+    ``workers.moe.MoeGate`` computes them after its matmul (sigmoid, bias, group-limited top-k)."""
+    return torch.ops.moecluster.moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
+                                          routed_scaling_factor)
 
 
 def main() -> None:

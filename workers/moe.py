@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from workers import cpu_kernels
 from workers.config import ModelConfig
 from workers.experts import ExpertBackend, PendingExperts
 from workers.layers import MLP
@@ -31,7 +32,11 @@ class MoeGate(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x [T, H] → (topk_ids [T, K] int64, topk_weights [T, K] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()
+        logits = F.linear(x.float(), self.weight.float())
+        if logits.is_cpu and cpu_kernels.available():  # the rest as one C++ call
+            return cpu_kernels.moe_route(logits, self.e_score_correction_bias.float(), self.top_k, self.n_group,
+                                         self.topk_group, self.norm_topk_prob, self.routed_scaling_factor)
+        scores = logits.sigmoid()
         choice = scores + self.e_score_correction_bias.float()  # the bias picks experts, never weighs them
         if self.n_group > 1:
             grouped = choice.view(x.shape[0], self.n_group, -1)

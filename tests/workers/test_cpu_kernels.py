@@ -162,3 +162,31 @@ def test_rms_norm_kernel_rejects_what_it_cannot_compute():
         cpu_kernels.rms_norm(torch.randn(2, 8).double(), torch.ones(8), 1e-5)
     with pytest.raises(RuntimeError, match="shaped like x"):
         cpu_kernels.add_rms_norm(torch.randn(2, 8), torch.randn(3, 8), torch.ones(8), 1e-5)
+
+
+@pytest.mark.parametrize("preset", ["air", "glm45", "grouped"])
+@pytest.mark.parametrize("norm", [True, False])
+def test_moe_route_kernel_matches_the_torch_gate(preset, norm, monkeypatch):
+    from workers.moe import MoeGate
+    from workers.tiny import tiny_config
+
+    config = tiny_config(preset).replace(norm_topk_prob=norm)
+    gate = MoeGate(config)
+    gen = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        gate.weight.copy_(torch.randn(gate.weight.shape, generator=gen))
+        gate.e_score_correction_bias.copy_(torch.randn(config.n_routed_experts, generator=gen) * 0.1)
+    x = torch.randn(37, config.hidden_size, generator=gen)
+    ids, weights = gate(x)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    want_ids, want_weights = gate(x)
+    assert ids.dtype == torch.int64 and weights.dtype == torch.float32
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(weights, want_weights)
+
+
+def test_moe_route_kernel_rejects_bad_group_settings():
+    with pytest.raises(RuntimeError, match="n_group must divide"):
+        cpu_kernels.moe_route(torch.randn(2, 16), torch.zeros(16), 4, 3, 1, True, 1.0)
+    with pytest.raises(RuntimeError, match="top_k exceeds"):
+        cpu_kernels.moe_route(torch.randn(2, 16), torch.zeros(16), 9, 4, 2, True, 1.0)
