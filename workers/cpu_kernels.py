@@ -4,7 +4,8 @@
 sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
 runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
 ``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call; ``moe_route``
-(``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul. The build needs a C++ compiler
+(``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
+(``workers/csrc/rope.cpp``) the partial rotary embedding. The build needs a C++ compiler
 and ninja; it runs once per machine (``make install`` does it, about 30 s) into ``BUILD_DIR``
 (``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged. Where it cannot
 be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
@@ -43,7 +44,7 @@ def _build_dir() -> Path:
 
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
-SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp")
+SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp")
 HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
@@ -153,6 +154,12 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int
     ``workers.moe.MoeGate`` computes them after its matmul (sigmoid, bias, group-limited top-k)."""
     return torch.ops.moecluster.moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
                                           routed_scaling_factor)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Partial NeoX RoPE of x [T, heads, D] float32 (rows may be strided) with cos/sin [T, R] → a new
+    contiguous [T, heads, D]; channels from R on are copied."""
+    return torch.ops.moecluster.rope(x, cos, sin)
 
 
 def main() -> None:

@@ -82,6 +82,8 @@ class RotaryEmbedding:
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         """Rotate x [T, heads, head_dim]; channels past the rotary dim pass through."""
+        if x.dtype == cos.dtype == torch.float32 and x.is_cpu and cpu_kernels.available():
+            return cpu_kernels.rope(x, cos, sin)  # one C++ call for the ten ops below
         rot_dim = cos.shape[-1]
         x_rot, x_pass = x[..., :rot_dim], x[..., rot_dim:]
         half = rot_dim // 2

@@ -190,3 +190,18 @@ def test_moe_route_kernel_rejects_bad_group_settings():
         cpu_kernels.moe_route(torch.randn(2, 16), torch.zeros(16), 4, 3, 1, True, 1.0)
     with pytest.raises(RuntimeError, match="top_k exceeds"):
         cpu_kernels.moe_route(torch.randn(2, 16), torch.zeros(16), 9, 4, 2, True, 1.0)
+
+
+@pytest.mark.parametrize("rotary_dim", [16, 32])
+def test_rope_kernel_matches_the_torch_rotation(rotary_dim, monkeypatch):
+    from workers.layers import RotaryEmbedding
+    from workers.tiny import tiny_config
+
+    rope = RotaryEmbedding(tiny_config("air").replace(partial_rotary_factor=rotary_dim / 32))
+    gen = torch.Generator().manual_seed(6)
+    qkv = torch.randn(9, 4 + 2 + 2, 32, generator=gen)
+    qk = qkv[:, :6]  # a strided view, as the attention passes it
+    cos, sin = rope.cos_sin(torch.arange(100, 109), torch.float32)
+    got = RotaryEmbedding.apply(qk, cos, sin)
+    monkeypatch.setattr(cpu_kernels, "available", lambda: False)
+    torch.testing.assert_close(got, RotaryEmbedding.apply(qk, cos, sin))
