@@ -22,8 +22,9 @@ depend only on its seed and its own logits row, whatever else is in the batch an
 device the logits live.
 """
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
@@ -72,6 +73,11 @@ class SamplingParams:
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", tuple(self.stop))
         self.validate()
+
+    @functools.cached_property
+    def field_values(self) -> tuple:
+        """Every field's value in declaration order, worked out once (the step wire sends them)."""
+        return tuple(getattr(self, f.name) for f in fields(self))
 
     def validate(self, max_context_len: int | None = None) -> None:
         """Raise `InvalidSamplingParams` for the first out-of-range field.

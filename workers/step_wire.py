@@ -3,7 +3,8 @@
 The coordinator sends every step to every attention worker, so the encoding is compact msgpack
 of plain lists (no pickle): chunks as ``[token_ids, start_position, block_table, num_logits]``,
 sampling rows as ``[params index, draw_index, prompt_ids, output_ids]`` with each distinct
-``SamplingParams`` of the step sent once as its field values. The worker keeps the parameter
+``SamplingParams`` of the step sent once as its field values (all of them in one nested msgpack
+blob, unpacked into tuples that key the worker's cache directly). The worker keeps the parameter
 objects it has built (``SamplingParamsCache``), so a request's parameters are validated once, not
 every step. Replies are ``["ok", token_ids, logprobs, top_logprobs]`` or
 ``["error", type name, message]``.
@@ -30,15 +31,18 @@ class StepWireError(ValueError):
 
 def encode_step(step_id: int, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> bytes:
     params_index: dict[int, int] = {}
-    params: list[list] = []
+    params: list[tuple] = []
     rows = []
     for row in sampling:
         key = id(row.params)
         if key not in params_index:
             params_index[key] = len(params)
-            params.append([getattr(row.params, name) for name in _PARAM_FIELDS])
+            params.append(row.params.field_values)
         rows.append([params_index[key], row.draw_index, row.prompt_ids, row.output_ids])
-    body = [step_id, [[c.token_ids, c.start_position, c.block_table, c.num_logits] for c in chunks], params, rows]
+    # The parameters travel as one nested msgpack blob: unpacked into tuples, each set of values is
+    # the worker cache's key as it comes.
+    body = [step_id, [[c.token_ids, c.start_position, c.block_table, c.num_logits] for c in chunks],
+            msgpack.packb(params), rows]
     return msgpack.packb(body)
 
 
@@ -49,8 +53,8 @@ class SamplingParamsCache:
         self.capacity = capacity
         self._built: OrderedDict[tuple, SamplingParams] = OrderedDict()
 
-    def get(self, values: list) -> SamplingParams:
-        key = tuple(tuple(v) if isinstance(v, list) else v for v in values)
+    def get(self, values: tuple | list) -> SamplingParams:
+        key = values if type(values) is tuple else tuple(tuple(v) if isinstance(v, list) else v for v in values)
         params = self._built.get(key)
         if params is None:
             if len(values) != len(_PARAM_FIELDS):
@@ -68,7 +72,7 @@ def decode_step(data: bytes, cache: SamplingParamsCache) -> tuple[int, list[Sequ
     try:
         step_id, raw_chunks, raw_params, raw_rows = msgpack.unpackb(data)
         chunks = [SequenceChunk(tokens, start, table, num_logits) for tokens, start, table, num_logits in raw_chunks]
-        params = [cache.get(values) for values in raw_params]
+        params = [cache.get(values) for values in msgpack.unpackb(raw_params, use_list=False)]
         sampling = [RowSampling(params[p], draw, tuple(prompt), tuple(output)) for p, draw, prompt, output in raw_rows]
     except StepWireError:
         raise
