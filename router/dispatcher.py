@@ -3,8 +3,9 @@
 For one MoE layer it groups the (token, k) pairs by the expert worker that will compute them,
 sends each worker the distinct tokens it needs plus its pairs, and returns at once so the caller
 can compute the shared expert meanwhile; `PendingDispatch.result()` then sums the workers' replies
-back into token order. A worker that needs every token gets x as it is, and a single reply that
-covers every token is the result as received, so the common decode case adds no copies.
+back into token order. A worker that needs (nearly) every token gets x as it is
+(`FULL_BATCH_SHARE`), and a single reply that covers every token is the result as received, so
+the common decode case adds no copies.
 Used from a single thread.
 """
 
@@ -26,6 +27,10 @@ from router.errors import DispatchTimeout, ExpertWorkerLost, PlacementError, Rem
 from router.placement import PlacementTable
 
 HWM_MESSAGES = 1024
+# A worker that needs at least this share of the tokens gets all of them (x as it is; the rows it
+# has no pairs for come back as zeros): the few extra rows on the wire cost less than gathering its
+# rows here and scattering its reply back into token order.
+FULL_BATCH_SHARE = 0.8
 
 
 class PendingDispatch:
@@ -204,7 +209,7 @@ class Dispatcher:
             pair = np.flatnonzero(mine)
             needed = mine.any(axis=1)
             pairs = np.empty((3, count), dtype=np.int32)
-            if needed.all():  # every token: x as it is, and a pair's row is its token
+            if np.count_nonzero(needed) >= FULL_BATCH_SHARE * num_tokens:  # x as it is, a pair's row is its token
                 rows, x_worker = None, x_cpu
                 pairs[0] = pair // k
             else:

@@ -62,6 +62,20 @@ def test_dispatch_sends_each_worker_only_its_tokens(weights, start_servers, make
     assert [server.counters.total_tokens() for server in servers] == [2, 0, 2, 0]
 
 
+def test_a_worker_needing_most_tokens_gets_them_all(weights, start_servers, make_dispatcher) -> None:
+    placement = PlacementTable.even(NUM_EXPERTS, 4)  # worker w holds experts 2w and 2w + 1
+    servers = start_servers(placement)
+    dispatcher = make_dispatcher(placement, endpoints_of(servers))
+    x, _, _ = random_routing(5, 2, seed=6)
+    # Worker 0 is needed by 4 of the 5 tokens (the FULL_BATCH_SHARE of 0.8): it gets all 5 rows and
+    # answers zeros for the fifth. Worker 2 is needed by 3 of 5 and gets only those.
+    ids = torch.tensor([[0, 1], [1, 4], [0, 5], [1, 0], [4, 5]])
+    w = torch.rand(5, 2, generator=torch.Generator().manual_seed(1))
+    got = dispatcher.submit(1, x, ids, w).result()
+    torch.testing.assert_close(got, reference(weights, 1, x, ids, w), rtol=1e-5, atol=1e-5)
+    assert [server.counters.total_tokens() for server in servers] == [5, 0, 3, 0]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_dispatch_half_precision_returns_input_dtype(dtype, weights, start_servers, make_dispatcher) -> None:
     placement = PlacementTable.even(NUM_EXPERTS, 2)
