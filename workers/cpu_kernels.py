@@ -108,8 +108,21 @@ def _fingerprint() -> str:
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())
-    digest.update(repr((CXX_FLAGS, torch.__version__, platform.machine())).encode())
+    digest.update(repr((CXX_FLAGS, torch.__version__, platform.machine(), _cpu_features())).encode())
     return digest.hexdigest()
+
+
+def _cpu_features() -> str:
+    """The CPU's instruction-set flags (-march=native builds for them): a build directory carried
+    to another CPU is rebuilt rather than loaded."""
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
 
 
 def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

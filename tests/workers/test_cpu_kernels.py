@@ -205,3 +205,20 @@ def test_rope_kernel_matches_the_torch_rotation(rotary_dim, monkeypatch):
     got = RotaryEmbedding.apply(qk, cos, sin)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     torch.testing.assert_close(got, RotaryEmbedding.apply(qk, cos, sin))
+
+
+def test_the_build_fingerprint_follows_sources_flags_and_cpu(monkeypatch):
+    before = cpu_kernels._fingerprint()
+    assert cpu_kernels._fingerprint() == before
+    monkeypatch.setattr(cpu_kernels, "CXX_FLAGS", (*cpu_kernels.CXX_FLAGS, "-DCHANGED"))
+    assert cpu_kernels._fingerprint() != before
+    monkeypatch.undo()
+    monkeypatch.setattr(cpu_kernels, "_cpu_features", lambda: "another cpu")
+    assert cpu_kernels._fingerprint() != before
+
+
+def test_the_kernels_can_be_turned_off(monkeypatch):
+    monkeypatch.setenv(cpu_kernels.DISABLE_ENV, "0")
+    monkeypatch.setattr(cpu_kernels, "_state", {})
+    assert not cpu_kernels.available()
+    assert "turned off" in cpu_kernels.load_error()
