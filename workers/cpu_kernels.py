@@ -104,7 +104,7 @@ def _load() -> bool:
 
 
 def _fingerprint() -> str:
-    """What the built library depends on: the sources, the flags and the torch build."""
+    """What the built library depends on: the sources, the flags, the torch build and the CPU."""
     digest = hashlib.sha256()
     for name in SOURCES + HEADERS:
         digest.update((SOURCE_DIR / name).read_bytes())

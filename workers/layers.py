@@ -165,7 +165,7 @@ class Attention(nn.Module):
         block_width = batch.block_size_tokens * self.head_dim
         k_blocks = k_cache.view(self.num_kv_heads, -1, block_width)    # [Hkv, num_blocks, bs * D]
         v_blocks = v_cache.view(self.num_kv_heads, -1, block_width)
-        paged_kernel = q.device.type == "cpu" and bool(batch.decode_groups) and cpu_kernels.available()
+        paged_kernel = q.device.type == "cpu" and cpu_kernels.available()
         for group in batch.decode_groups:
             if paged_kernel:  # straight from the paged cache, without a gathered copy
                 cpu_kernels.paged_decode_attention(out, q, k_cache, v_cache, group.rows, group.blocks, group.lens,

@@ -68,6 +68,7 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
     std::vector<float> acc(group * dim);
     std::vector<float> scores;
     std::vector<float> converted(block_size * dim);
+    std::vector<float> inv_sum(group);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t seq = item / num_kv_heads;
       const int64_t kv_head = item % num_kv_heads;
@@ -96,7 +97,6 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
         }
       }
       // softmax per query head, left unnormalised until the end
-      std::vector<float> inv_sum(group);
       for (int64_t g = 0; g < group; ++g) {
         float* s = scores.data() + g * length;
         float peak = -std::numeric_limits<float>::infinity();
