@@ -53,18 +53,18 @@ class SamplingParamsCache:
         self.capacity = capacity
         self._built: OrderedDict[tuple, SamplingParams] = OrderedDict()
 
-    def get(self, values: tuple | list) -> SamplingParams:
-        key = values if type(values) is tuple else tuple(tuple(v) if isinstance(v, list) else v for v in values)
-        params = self._built.get(key)
+    def get(self, values: tuple) -> SamplingParams:
+        """The parameters with these field values (as ``decode_step`` unpacks them: nested tuples)."""
+        params = self._built.get(values)
         if params is None:
             if len(values) != len(_PARAM_FIELDS):
                 raise StepWireError(f"sampling parameters carry {len(values)} values, expected {len(_PARAM_FIELDS)}")
-            params = SamplingParams(**dict(zip(_PARAM_FIELDS, key, strict=True)))
-            self._built[key] = params
+            params = SamplingParams(**dict(zip(_PARAM_FIELDS, values, strict=True)))
+            self._built[values] = params
             if len(self._built) > self.capacity:
                 self._built.popitem(last=False)
         else:
-            self._built.move_to_end(key)
+            self._built.move_to_end(values)
         return params
 
 

@@ -56,7 +56,7 @@ def test_malformed_steps_raise_a_wire_error(data):
 
 
 def test_invalid_sampling_values_are_rejected_not_used():
-    values = [getattr(GREEDY, f) for f in ("max_new_tokens",)]  # too few values
+    values = tuple(getattr(GREEDY, f) for f in ("max_new_tokens",))  # too few values
     with pytest.raises(StepWireError, match="sampling parameters carry"):
         SamplingParamsCache().get(values)
 
