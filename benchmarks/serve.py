@@ -26,11 +26,12 @@ on the same requests, after a warm-up of each; the coordinator process (``local`
 time of our processes (this one and the cluster's workers) and of everything else (Ray's own
 daemons included) is read from /proc and reported in cores.
 
-For the engines each step the coordinator runs is timed from outside, from ``executor.launch`` to
-the end of ``executor.collect``, and the time left over is the coordinator's own on the step's
-critical path (scheduling and the hand-offs; the previous step's tokens are streamed while a
-step runs); for the cluster the dispatcher's round-trip counters show what a step pays for being
-distributed.
+For the engines the coordinator's steps are timed from outside: the wall time while some step is
+in flight (from ``executor.launch`` to the end of its ``executor.collect``; with overlapped
+scheduling the next step is sent before the last is collected, so these spans join up), and the
+time left over is the coordinator's own on the critical path (scheduling and the hand-offs while
+no step runs); for the cluster the dispatcher's round-trip counters show what a step pays for
+being distributed.
 
     .venv/bin/python benchmarks/serve.py [--quick] [--write-docs]
 
@@ -184,29 +185,36 @@ def summary_ms(values: Sequence[float]) -> tuple[float, float, float]:
 
 # ---- engines --------------------------------------------------------------------------------------
 class TimedExecutor:
-    """Wraps an engine's executor to time each step from outside (the library is not touched):
-    from ``launch`` (the step is sent) to the end of ``collect`` (its outputs are back)."""
+    """Wraps an engine's executor to time its steps from outside (the library is not touched): the
+    wall time while at least one step is in flight, from a ``launch`` (the step is sent) to the end
+    of the ``collect`` that leaves none in flight."""
 
     def __init__(self, engine: Engine) -> None:
         self.stats = StepStats()
         self._launch = engine.executor.launch
         self._collect = engine.executor.collect
-        self._started = 0.0
+        self._in_flight = 0
+        self._busy_since = 0.0
         engine.executor.launch = self.launch  # type: ignore[method-assign]
         engine.executor.collect = self.collect  # type: ignore[method-assign]
 
     def launch(self, steps: dict[int, Any]) -> Any:
-        self._started = time.perf_counter()
+        if self._in_flight == 0:
+            self._busy_since = time.perf_counter()
+        self._in_flight += 1
         for chunks, _sampling in steps.values():
             self.stats.tokens += sum(len(c.token_ids) for c in chunks)
             self.stats.rows += len(chunks)
         return self._launch(steps)
 
     def collect(self, launched: Any) -> Any:
-        out = self._collect(launched)
-        self.stats.execute_s += time.perf_counter() - self._started
-        self.stats.steps += 1
-        return out
+        try:
+            return self._collect(launched)
+        finally:
+            self._in_flight -= 1
+            self.stats.steps += 1
+            if self._in_flight == 0:
+                self.stats.execute_s += time.perf_counter() - self._busy_since
 
 
 async def _one_request(engine: Engine, request: BenchRequest, t0: float, limit: asyncio.Semaphore,
@@ -551,8 +559,9 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         "Output tokens/s relative to each other (padded tokens: share of the tokens static batches "
         "compute past a request's own length):", "",
         ratio_table(results, concurrencies), "",
-        "Engine steps, timed from `executor.launch` to the end of `executor.collect` (outside = the "
-        "coordinator's own time per step between them):", "",
+        "Engine steps: wall time while a step was in flight (from `executor.launch` to the end of its "
+        "`executor.collect`; overlapped scheduling sends a step before the last one is collected), per "
+        "step; outside = the rest, the coordinator's own time per step while no step ran:", "",
         steps_table(results), "",
         "Reading:", "",
         reading(results, concurrencies, args.expert_workers), "",
@@ -599,6 +608,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--expert-workers", type=int, default=DEFAULT_SHAPE[1], help="expert workers of the cluster")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches per cluster step taking turns while the experts compute")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="send each engine step only after the last one's tokens are back")
     parser.add_argument("--max-num-batched-tokens", type=int, default=2048)
     parser.add_argument("--num-kv-blocks", type=int, default=1024)
     parser.add_argument("--quick", action="store_true", help="16 requests, concurrency 1 and 8, short outputs")
@@ -652,7 +663,7 @@ def main(argv: list[str] | None = None) -> None:
                               num_kv_blocks=args.num_kv_blocks, block_size_tokens=16,
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               max_num_seqs=max(256, max(concurrencies)), threads_per_worker=args.threads_per_worker,
-                              micro_batches=args.micro_batches)
+                              micro_batches=args.micro_batches, async_scheduling=args.async_scheduling)
         print(f"{len(requests)} requests, {sum(r.output_len for r in requests)} output tokens, "
               f"{sum(len(r.prompt_ids) for r in requests)} prompt tokens; {machine_line(args)}", flush=True)
         engines: list[EngineUnderTest] = []

@@ -104,7 +104,7 @@ async def serve(args: argparse.Namespace) -> None:
         num_kv_blocks=args.num_kv_blocks, block_size_tokens=args.block_size, num_gpus_per_worker=args.gpus_per_worker,
         max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
         max_waiting_requests=args.max_waiting_requests, threads_per_worker=args.threads_per_worker,
-        micro_batches=args.micro_batches,
+        micro_batches=args.micro_batches, async_scheduling=args.async_scheduling,
         start_timeout_s=args.start_timeout, dispatch_timeout_s=args.dispatch_timeout, step_timeout_s=args.step_timeout,
         model_name=args.name)
     done = threading.Event()
@@ -152,6 +152,8 @@ def serve_main(argv: Sequence[str]) -> None:
     parser.add_argument("--threads-per-worker", type=int, default=1, help="torch threads of each worker (CPU)")
     parser.add_argument("--micro-batches", type=int, default=1,
                         help="micro-batches per attention-worker step that take turns while experts compute")
+    parser.add_argument("--no-async-scheduling", dest="async_scheduling", action="store_false",
+                        help="send each step only after the last one's tokens are back (default: overlapped)")
     parser.add_argument("--start-timeout", type=float, default=180.0,
                         help="seconds every worker may take to load its weights")
     parser.add_argument("--dispatch-timeout", type=float, default=30.0,

@@ -2,10 +2,17 @@
 
 ``submit`` validates a request, queues it (a bounded queue: beyond it, ``EngineOverloaded``)
 and returns an async iterator of ``RequestOutput``. The engine loop runs on the caller's
-asyncio loop: it schedules a step (cluster.scheduler), runs it on the attention workers in a
-thread (so the event loop keeps serving clients), then appends each sampled token, detokenizes
-incrementally, applies stop conditions and pushes outputs to the streams. It sleeps when idle.
-Abort at any time frees the request's KV blocks (after the step in flight, if any).
+asyncio loop: it schedules a step (cluster.scheduler), sends it to the attention workers, waits
+for it in a thread (so the event loop keeps serving clients), then appends each sampled token,
+detokenizes incrementally, applies stop conditions and pushes outputs to the streams. It sleeps
+when idle. Abort at any time frees the request's KV blocks (after the steps in flight, if any).
+
+Overlapped scheduling (``EngineConfig.async_scheduling``, on by default, as vLLM's
+``--async-scheduling``): the engine schedules and sends step N+1 before step N's tokens are back,
+so an attention worker finds its next step waiting when it finishes one instead of idling while
+the coordinator collects, schedules and sends. Step N+1 names the tokens N is sampling by
+placeholders (``cluster.request``) that the worker fills in. The cost: a request that stops on a
+stop token or string has already been given one more row, whose token is dropped.
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ import asyncio
 import itertools
 import logging
 import uuid
+from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -68,6 +76,7 @@ class EngineConfig:
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_waiting_requests: int = 1024
+    async_scheduling: bool = True
     model_name: str | None = None
 
     def cluster_config(self) -> ClusterConfig:
@@ -78,9 +87,17 @@ class EngineConfig:
         return SchedulerConfig(self.max_num_batched_tokens, self.max_num_seqs, self.max_waiting_requests)
 
 
+@dataclass
+class LaunchedStep:
+    """A step sent to the attention workers whose outputs are still to collect."""
+
+    plans: dict[int, WorkerPlan]
+    handle: Any  # what executor.launch returned
+
+
 class Engine:
     def __init__(self, executor: StepExecutor, tokenizer: Tokenizer, scheduler_config: SchedulerConfig,
-                 model_name: str = "glm4_moe") -> None:
+                 model_name: str = "glm4_moe", async_scheduling: bool = True) -> None:
         self.executor = executor
         self.tokenizer = tokenizer
         self.model_config = executor.model_config
@@ -93,6 +110,7 @@ class Engine:
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
         self._in_flight: set[Request] = set()
+        self.max_steps_in_flight = 2 if async_scheduling else 1
         self._unavailable: str | None = None
         self.num_steps = 0
 
@@ -103,7 +121,8 @@ class Engine:
         cluster = Cluster.start(config.cluster_config())
         try:
             return cls(ClusterExecutor(cluster), Tokenizer.from_folder(config.checkpoint),
-                       config.scheduler_config(), config.model_name or _default_name(config.checkpoint))
+                       config.scheduler_config(), config.model_name or _default_name(config.checkpoint),
+                       config.async_scheduling)
         except BaseException:
             cluster.shutdown()
             raise
@@ -113,7 +132,7 @@ class Engine:
         """A single-process engine (no Ray): the same coordinator over the in-process model."""
         executor = LocalExecutor(config.checkpoint, config.num_kv_blocks, config.block_size_tokens, config.dtype)
         return cls(executor, Tokenizer.from_folder(config.checkpoint), config.scheduler_config(),
-                   config.model_name or _default_name(config.checkpoint))
+                   config.model_name or _default_name(config.checkpoint), config.async_scheduling)
 
     # ---- lifecycle ------------------------------------------------------------------------------
     @property
@@ -216,92 +235,126 @@ class Engine:
     # ---- the loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
         assert self._wake is not None
-        # Tokens sampled in the last step whose text is yet to be made and streamed: done while the
-        # next step runs (async output processing), since the schedule needs only the token ids.
-        deferred: list[tuple[Request, StepOutput, int]] = []
+        # Tokens sampled in a collected step whose text is yet to be made and streamed: done while
+        # the next step runs (async output processing), since the schedule needs only the token ids.
+        deferred: list[tuple[Request, StepOutput, int, int]] = []
+        in_flight: deque[LaunchedStep] = deque()  # sent, oldest first; at most max_steps_in_flight
         while True:
-            if not self.scheduler.has_work():
+            if not in_flight and not self.scheduler.has_work():
                 self._emit_all(deferred)
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            plans = self.scheduler.schedule()
-            if not plans:
-                self._emit_all(deferred)
+            if len(in_flight) < self.max_steps_in_flight and self.scheduler.has_work():
+                plans = self.scheduler.schedule()
+                if plans:
+                    try:
+                        # Sent from this thread, so the workers start at once (a thread sending the
+                        # step would wait for the GIL).
+                        in_flight.append(self._launch(plans))
+                    except ClusterError as exc:
+                        self._emit_all(deferred)
+                        await self._step_failed(exc, [*in_flight, LaunchedStep(plans, None)])
+                        in_flight.clear()
+                        continue
+                    if len(in_flight) < self.max_steps_in_flight:
+                        continue  # send the next step too before waiting for this one
+            # The collected step's tokens stream while the steps just sent compute.
+            self._emit_all(deferred)
+            if not in_flight:  # work is queued, but nothing fits yet
                 await asyncio.sleep(0.001)
                 continue
-            self._in_flight = {s.request for plan in plans.values() for s in plan.scheduled}
-            steps = {w: (p.chunks, p.sampling) for w, p in plans.items()}
+            step = in_flight.popleft()
             try:
-                # Sent from this thread, so the workers start at once; the previous step's tokens are
-                # streamed while they compute (a thread sending the step would wait for the GIL).
-                launched = self.executor.launch(steps)
-                self._emit_all(deferred)
-                outputs = await asyncio.to_thread(self.executor.collect, launched)
+                outputs = await asyncio.to_thread(self.executor.collect, step.handle)
             except ClusterError as exc:
-                self._emit_all(deferred)
-                log.error("step failed: %s", exc)
-                lost = await asyncio.to_thread(self.executor.lost_workers)
-                self._in_flight = set()
-                if lost:  # no replacement yet: stop taking requests rather than fail each one slowly
-                    self._unavailable = "lost workers: " + "; ".join(lost)
-                    log.error("engine unavailable: %s", self._unavailable)
-                    for request in list(self._requests.values()):
-                        self._finish(request, "abort", error=f"{exc}; {self._unavailable}")
-                else:
-                    self._fail_step(plans, str(exc))
+                await self._step_failed(exc, [step, *in_flight])
+                in_flight.clear()
                 continue
-            self._in_flight = set()
             self.num_steps += 1
-            for worker, plan in plans.items():
+            for worker, plan in step.plans.items():
                 deferred += self._apply(plan, outputs[worker])
+            self._in_flight = {e.request for s in in_flight for p in s.plans.values() for e in p.scheduled}
 
-    def _fail_step(self, plans: dict[int, WorkerPlan], reason: str) -> None:
-        """A worker failed: end the step's requests with an error rather than hang or retry blindly."""
+    def _launch(self, plans: dict[int, WorkerPlan]) -> LaunchedStep:
+        """Send a step and advance its requests as if it had run: their tokens count as cached, and
+        each sampling row gets a placeholder output token (``cluster.request``) until its token is back."""
+        handle = self.executor.launch({w: (p.chunks, p.sampling) for w, p in plans.items()})
         for plan in plans.values():
+            row = 0
             for entry in plan.scheduled:
-                self._finish(entry.request, "abort", error=reason)
+                request = entry.request
+                request.num_cached += entry.num_tokens
+                self._in_flight.add(request)
+                if entry.samples:
+                    entry.output_index = len(request.output_ids)
+                    request.output_ids.append(-(row + 1))
+                    request.num_unresolved += 1
+                    row += 1
+        return LaunchedStep(plans, handle)
 
-    def _apply(self, plan: WorkerPlan, output: StepOutput) -> list[tuple[Request, StepOutput, int]]:
-        """Advance the step's requests by what it computed, and return the sampled tokens still to
+    async def _step_failed(self, exc: ClusterError, steps: list[LaunchedStep]) -> None:
+        """A step failed: end the requests of every step in flight with the error (the later ones
+        ran, if at all, after the failed one) rather than hang or retry blindly."""
+        log.error("step failed: %s", exc)
+        lost = await asyncio.to_thread(self.executor.lost_workers)
+        self._in_flight = set()
+        if lost:  # no replacement yet: stop taking requests rather than fail each one slowly
+            self._unavailable = "lost workers: " + "; ".join(lost)
+            log.error("engine unavailable: %s", self._unavailable)
+            for request in list(self._requests.values()):
+                self._finish(request, "abort", error=f"{exc}; {self._unavailable}")
+            return
+        for step in steps:
+            for plan in step.plans.values():
+                for entry in plan.scheduled:
+                    if not entry.request.finished:
+                        self._finish(entry.request, "abort", error=str(exc))
+
+    def _apply(self, plan: WorkerPlan, output: StepOutput) -> list[tuple[Request, StepOutput, int, int]]:
+        """Put the step's sampled tokens in place of their placeholders, and return those still to
         stream. A token that ends its request (a stop token id, a length limit) is streamed at once,
-        so the request is never scheduled again; the rest wait for ``_emit_all``."""
+        so the request is never scheduled again; the rest wait for ``_emit_all``. A request
+        preempted after the step was sent still gets its token (it is recomputed with it later)."""
         deferred = []
         row = 0
         for entry in plan.scheduled:
             request = entry.request
-            if request.status is not RequestStatus.RUNNING:
-                row += entry.samples
+            if not entry.samples:
+                if request.aborted and not request.finished:
+                    self._finish(request, "abort")
                 continue
-            request.num_cached += entry.num_tokens
+            if request.finished:
+                row += 1
+                continue
+            token = output.token_ids[row]
+            request.output_ids[entry.output_index] = token
+            request.num_unresolved -= 1
             if request.aborted:
                 self._finish(request, "abort")
-                row += entry.samples
-                continue
-            if entry.samples:
-                token = output.token_ids[row]
-                request.output_ids.append(token)
-                if token in request.stop_token_ids or self._at_length_limit(request):
-                    self._emit(request, output, row)
-                else:
-                    deferred.append((request, output, row))
-                row += 1
+            elif token in request.stop_token_ids or self._at_length_limit(request, entry.output_index + 1):
+                self._emit(request, output, row, entry.output_index + 1)
+            else:
+                deferred.append((request, output, row, entry.output_index + 1))
+            row += 1
         return deferred
 
-    def _emit_all(self, deferred: list[tuple[Request, StepOutput, int]]) -> None:
-        for request, output, row in deferred:
-            if request.status is not RequestStatus.FINISHED:  # not aborted meanwhile
-                self._emit(request, output, row)
+    def _emit_all(self, deferred: list[tuple[Request, StepOutput, int, int]]) -> None:
+        for request, output, row, produced in deferred:
+            if request.status is not RequestStatus.FINISHED:  # not aborted or stopped meanwhile
+                self._emit(request, output, row, produced)
         deferred.clear()
 
     @staticmethod
-    def _at_length_limit(request: Request) -> bool:
-        return (len(request.output_ids) >= request.params.max_new_tokens
-                or request.num_tokens >= request.max_total_tokens)
+    def _at_length_limit(request: Request, produced: int) -> bool:
+        """Whether the request's ``produced``-th output token is its last (length or context limit)."""
+        return (produced >= request.params.max_new_tokens
+                or len(request.prompt_ids) + produced >= request.max_total_tokens)
 
-    def _emit(self, request: Request, output: StepOutput, row: int) -> None:
-        """Detokenize a sampled token (already in ``request.output_ids``), apply the stop strings,
-        token ids and length limits, and stream the update."""
+    def _emit(self, request: Request, output: StepOutput, row: int, produced: int) -> None:
+        """Detokenize a sampled token (output token number ``produced``, already in
+        ``request.output_ids``), apply the stop strings, token ids and length limits, and stream
+        the update."""
         token = output.token_ids[row]
         text_delta = request.detokenizer.step([token])
         request.text += text_delta
@@ -312,7 +365,7 @@ class Engine:
             finish = "stop"
         elif token in request.stop_token_ids:
             finish = "stop"
-        elif self._at_length_limit(request):
+        elif self._at_length_limit(request, produced):
             finish = "length"
         if finish is not None and not check.stopped:
             request.text += request.detokenizer.flush()
@@ -322,13 +375,17 @@ class Engine:
         logprobs = None if request.params.logprobs is None else [output.logprobs[row]]
         top = None if request.params.logprobs is None else [output.top_logprobs[row] or []]
         request.stream.put_nowait(RequestOutput(
-            request.request_id, [token], delta, logprobs, top, finish,
-            len(request.prompt_ids), len(request.output_ids)))
+            request.request_id, [token], delta, logprobs, top, finish, len(request.prompt_ids), produced))
         if finish is not None:
             self._finish(request, finish, notify=False)
 
     def _finish(self, request: Request, reason: str, notify: bool = True, error: str | None = None) -> None:
+        # Blocks may go back while a later step still writes the request's K/V into them: each worker
+        # runs its steps in order, so a new owner's step writes its own K/V over them first.
         self.scheduler.finish(request)
+        if request.num_unresolved:  # tokens of steps in flight, dropped
+            del request.output_ids[-request.num_unresolved:]
+            request.num_unresolved = 0
         request.finish_reason = reason
         self._requests.pop(request.request_id, None)
         if notify:

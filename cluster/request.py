@@ -3,6 +3,12 @@
 The scheduler reads and moves requests between queues; the engine appends sampled tokens,
 detokenizes incrementally, applies stop conditions and pushes ``RequestOutput`` items to the
 request's stream.
+
+With overlapped scheduling (the engine sends the next step before the last one's tokens are
+back) a step's sampled token is known only later: the engine appends a placeholder when it sends
+the step and overwrites it when the token arrives. A placeholder is ``-(row + 1)``: the token
+that row of the attention worker's previous step sampled, which the worker substitutes itself
+(``workers.model_runner``). Placeholders are always the tail of ``output_ids``.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ class Request:
     finish_reason: str | None = None
     aborted: bool = False
     preemptions: int = 0
+    num_unresolved: int = 0                       # placeholders at the tail of output_ids (see above)
     stream: asyncio.Queue[RequestOutput] = field(default_factory=asyncio.Queue)
 
     @property
@@ -73,6 +80,17 @@ class Request:
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_resolved(self) -> int:
+        """Output tokens whose values are known (the rest are placeholders of steps in flight)."""
+        return len(self.output_ids) - self.num_unresolved
+
+    @property
+    def last_token_scheduled(self) -> bool:
+        """The request's final token (its length or context limit) is already known or in flight."""
+        return (len(self.output_ids) >= self.params.max_new_tokens
+                or self.num_tokens >= self.max_total_tokens)
 
     @property
     def finished(self) -> bool:

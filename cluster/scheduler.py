@@ -8,6 +8,11 @@ own the tensors, the scheduler owns the block tables). When a worker runs out of
 newest request on it is preempted: its blocks are freed and it goes back to the front of the
 waiting queue to be recomputed later. New requests go to the worker with the most free blocks
 (then the fewest running requests).
+
+The engine may schedule a step while the previous one still computes (overlapped scheduling):
+a request then decodes from a placeholder for its last token (``cluster.request``). A request
+whose final token is already in flight is not scheduled again, and a preempted request whose
+last token is still in flight is readmitted once that token is known.
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ class ScheduledChunk:
     request: Request
     num_tokens: int
     samples: bool
+    output_index: int = -1  # where the sampled token goes in request.output_ids (set when the step is sent)
 
 
 @dataclass
@@ -114,7 +120,7 @@ class Scheduler:
                 if request.status is not RequestStatus.RUNNING:
                     continue  # preempted earlier in this pass
                 pending = request.num_tokens - request.num_cached
-                if (pending == 1) != decoding:
+                if (pending == 1) != decoding or (decoding and request.last_token_scheduled):
                     continue
                 plan = plans[request.worker]
                 if len(plan.scheduled) >= self.config.max_num_seqs or plan.num_tokens >= budget:
@@ -123,6 +129,8 @@ class Scheduler:
         # 2. waiting requests, in order, while some worker has room.
         while self.waiting:
             request = self.waiting[0]
+            if request.num_unresolved:  # preempted while a step computes its token: readmit once it is known
+                break
             worker = self._pick_worker(plans, request)
             if worker is None:
                 break

@@ -1,6 +1,9 @@
 """ModelRunner: one engine step on an attention worker — forward the flat batch, then sample.
 
 Sampling runs where the logits are, so only token ids (and optional logprobs) leave the worker.
+The runner keeps the token ids its last step sampled: a step sent before the coordinator had them
+(overlapped scheduling) names such a token by a placeholder ``-(row + 1)`` in its token ids,
+which ``resolve_placeholders`` replaces before the forward.
 A seeded request's draw is a pure function of (seed, how many tokens it already produced, its
 logits row): the generator is rebuilt from those each step, so the request replays identically
 whatever else is in the batch, after a preemption, and on any attention worker.
@@ -50,6 +53,38 @@ def draw_generator(seed: int | None, draw_index: int) -> torch.Generator | None:
     return torch.Generator().manual_seed((seed * _SEED_STRIDE + draw_index) % (2**63))
 
 
+def _resolved(ids: list[int] | tuple[int, ...], previous: list[int] | None) -> list[int]:
+    out = list(ids)
+    for i, token in enumerate(ids):
+        if token < 0:
+            row = -token - 1
+            if previous is None or row >= len(previous):
+                have = "no sampled tokens (it failed or none ran)" if previous is None else \
+                    f"{len(previous)} sampled token(s)"
+                raise ValueError(f"token id {token} refers to row {row} of the previous step's samples, "
+                                 f"but that step left {have}")
+            out[i] = previous[row]
+    return out
+
+
+def resolve_placeholders(chunks: list[SequenceChunk], sampling: list[RowSampling],
+                         previous: list[int] | None) -> tuple[list[SequenceChunk], list[RowSampling]]:
+    """Replace each placeholder ``-(row + 1)`` in the chunks' token ids (and in the output ids sent
+    for penalties) by ``previous[row]``, the token that row of the previous step sampled.
+
+    Raises ValueError for a placeholder with no such token (the previous step failed or was shorter).
+    """
+    for i, chunk in enumerate(chunks):
+        if chunk.token_ids and min(chunk.token_ids) < 0:
+            chunks[i] = SequenceChunk(_resolved(chunk.token_ids, previous), chunk.start_position,
+                                      chunk.block_table, chunk.num_logits)
+    for i, row in enumerate(sampling):
+        if row.output_ids and min(row.output_ids) < 0:
+            sampling[i] = RowSampling(row.params, row.draw_index, row.prompt_ids,
+                                      tuple(_resolved(row.output_ids, previous)))
+    return chunks, sampling
+
+
 def split_chunks(chunks: list[SequenceChunk], parts: int) -> list[list[SequenceChunk]]:
     """Cut a step's chunks, in order, into at most ``parts`` runs of about equal token counts."""
     total = sum(len(c.token_ids) for c in chunks)
@@ -79,6 +114,7 @@ class ModelRunner:
         self.kv = kv
         self.micro_batches = micro_batches
         self.sampler = Sampler()
+        self.last_sampled: list[int] | None = None  # token ids of the last step, for placeholders
         # One group: the GPU path and the CPU kernel attend in one call.
         self.decode_group_slots: int | None = None
         if kv.k.device.type == "cpu" and not cpu_kernels.available():
@@ -96,14 +132,18 @@ class ModelRunner:
 
     def execute(self, chunks: list[SequenceChunk], sampling: list[RowSampling]) -> StepOutput:
         """Forward ``chunks``; sample one token for each chunk that asks for logits (in order)."""
+        previous, self.last_sampled = self.last_sampled, None  # a failed step leaves no tokens to refer to
         wanted = sum(c.num_logits for c in chunks)
         if wanted != len(sampling):
             raise ValueError(f"{wanted} logits rows but {len(sampling)} sampling rows")
+        chunks, sampling = resolve_placeholders(list(chunks), list(sampling), previous)
         logits = self.logits(chunks).float()
         if not sampling:
+            self.last_sampled = []
             return StepOutput([], [], [])
         result = self.sampler.sample(
             logits, [s.params for s in sampling], [list(s.prompt_ids) for s in sampling],
             [list(s.output_ids) for s in sampling],
             [draw_generator(s.params.seed, s.draw_index) for s in sampling])
+        self.last_sampled = result.token_ids
         return StepOutput(result.token_ids, result.logprobs, result.top_logprobs)

@@ -8,6 +8,7 @@ import random
 import pytest
 
 from cluster.engine import Engine, EngineConfig, EngineOverloaded, InvalidRequest
+from cluster.errors import WorkerFailure
 from workers.sampling import SamplingParams
 
 
@@ -177,3 +178,88 @@ def _bad_temperature() -> SamplingParams:
     params = SamplingParams()
     object.__setattr__(params, "temperature", -1.0)  # bypass __post_init__: the engine validates again
     return params
+
+
+class _CountingExecutor:
+    """Wraps an engine's executor: how many steps were in flight at most (sent, not collected)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.in_flight = self.most = 0
+        self._launch, self._collect = engine.executor.launch, engine.executor.collect
+        engine.executor.launch, engine.executor.collect = self.launch, self.collect  # type: ignore[method-assign]
+
+    def launch(self, steps):
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        return self._launch(steps)
+
+    def collect(self, launched):
+        self.in_flight -= 1
+        return self._collect(launched)
+
+
+def _mixed_params(i: int, n: int, stop_ids: tuple[int, ...]) -> SamplingParams:
+    kinds = [
+        SamplingParams(max_new_tokens=n, temperature=0.0, ignore_eos=True, stop_token_ids=stop_ids, logprobs=1),
+        SamplingParams(max_new_tokens=n, temperature=0.9, seed=i, top_k=20, ignore_eos=True),
+        SamplingParams(max_new_tokens=n, temperature=0.8, seed=i, repetition_penalty=1.4, frequency_penalty=0.5,
+                       ignore_eos=True, stop_token_ids=stop_ids),
+        SamplingParams(max_new_tokens=n, temperature=0.0, stop=("e",)),
+    ]
+    return kinds[i % len(kinds)]
+
+
+@pytest.mark.parametrize("num_kv_blocks", [512, 40])
+def test_overlapped_scheduling_gives_what_step_by_step_scheduling_gives(tiny_checkpoint, num_kv_blocks):
+    """Sending step N+1 before step N's tokens are back changes no token, text, finish reason or
+    count: stop tokens and strings, penalties (their history holds placeholders), seeds, and
+    preemption while a step is in flight."""
+    checkpoint = tiny_checkpoint("air")
+    requests = _requests(40, 400, seed=4)
+    stop_ids = (17, 101, 250, 333, 402)
+    results, logprobs, counters = {}, {}, {}
+    for overlapped in (False, True):
+        engine = _engine(checkpoint, num_kv_blocks=num_kv_blocks, block_size_tokens=4, max_num_batched_tokens=64,
+                         async_scheduling=overlapped)
+        counters[overlapped] = _CountingExecutor(engine)
+
+        async def go(engine=engine):
+            return await asyncio.gather(*[_collect(engine.submit(p, _mixed_params(i, n, stop_ids)))
+                                          for i, (p, n) in enumerate(requests)])
+        outs = _run(engine, go)
+        results[overlapped] = [(tokens, text, [(o.finish_reason, o.completion_tokens) for o in o_list])
+                               for tokens, text, o_list in outs]
+        logprobs[overlapped] = [lp for _, _, o_list in outs for o in o_list for lp in o.logprobs or []]
+        assert engine.kv_blocks_in_use() == 0
+        if num_kv_blocks == 40:
+            assert engine.scheduler.num_preemptions > 0
+    assert results[True] == results[False]
+    # the same tokens from batches of other shapes: logprobs agree to float32 rounding
+    assert logprobs[True] == pytest.approx(logprobs[False], abs=1e-5) and logprobs[True]
+    assert counters[False].most == 1 and counters[True].most == 2
+    finishes = {o[-1][0] for _, _, o in results[True]}
+    assert finishes == {"stop", "length"}
+
+
+def test_a_failed_step_ends_the_requests_of_every_step_in_flight(tiny_checkpoint):
+    engine = _engine(tiny_checkpoint("air"), num_kv_blocks=128, block_size_tokens=4)
+    collect = engine.executor.collect
+    calls = []
+
+    def failing_collect(launched):
+        calls.append(1)
+        if len(calls) == 3:
+            raise WorkerFailure("step failed on attention worker 0: injected")
+        return collect(launched)
+    engine.executor.collect = failing_collect  # type: ignore[method-assign]
+
+    async def go():
+        streams = [engine.submit([1 + i, 2, 3], SamplingParams(max_new_tokens=50, temperature=0, ignore_eos=True))
+                   for i in range(4)]
+        outs = [(await _collect(s))[2] for s in streams]
+        assert all(o[-1].finish_reason == "abort" and "injected" in o[-1].error for o in outs)
+        assert engine.kv_blocks_in_use() == 0 and engine.ready
+        tokens, _, after = await _collect(engine.submit([4, 5], SamplingParams(max_new_tokens=5, temperature=0)))
+        return tokens, after[-1].finish_reason
+    tokens, finish = _run(engine, go)
+    assert len(tokens) == 5 and finish == "length"
