@@ -9,8 +9,10 @@ by every layer.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -40,8 +42,15 @@ class DecodeGroup:
 
     rows: torch.Tensor     # [B] rows of single-token sequences
     blocks: torch.Tensor   # [B, Nmax] their block tables (padded with block 0)
-    mask: torch.Tensor     # [B, Nmax * block_size] True where a slot holds context
-    lens: torch.Tensor     # [B] int64 context length of each row (the paged kernel reads these, not mask)
+    lens: torch.Tensor     # [B] int64 context length of each row
+    block_size_tokens: int
+
+    @functools.cached_property
+    def mask(self) -> torch.Tensor:
+        """[B, Nmax * block_size] True where a slot holds context: made on first use, since the C++
+        paged kernel reads only ``lens``."""
+        width = self.blocks.shape[1] * self.block_size_tokens
+        return torch.arange(width, device=self.lens.device)[None, :] < self.lens[:, None]
 
 
 def group_decode_rows(context_lens: list[int], block_size_tokens: int, max_slots: int | None) -> list[list[int]]:
@@ -84,8 +93,10 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
     """Flatten ``chunks`` into one ForwardBatch (sequences keep their order).
 
     Attention reads whole blocks (one contiguous copy per block), so decode rows carry their
-    padded block tables and a mask over the slots those blocks span. Decode rows are grouped
-    by context length (``group_decode_rows``, at most ``decode_group_slots`` padded slots a group).
+    padded block tables (and, made on first use, a mask over the slots those blocks span). Decode
+    rows are grouped by context length (``group_decode_rows``, at most ``decode_group_slots``
+    padded slots a group). Integer lists become tensors through numpy: ``torch.tensor`` on a
+    Python list costs several times more per element.
     """
     if not chunks:
         raise ValueError("build_batch needs at least one sequence chunk")
@@ -100,46 +111,55 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
     segments: list[tuple[int, int, torch.Tensor, torch.Tensor]] = []
     row = 0
     for chunk in chunks:
-        n = len(chunk.token_ids)
-        if n == 0:
-            raise ValueError("a sequence chunk has no tokens")
-        end = chunk.end_position
-        needed_blocks = -(-end // bs)
+        ids = chunk.token_ids
+        n = len(ids)
+        start = chunk.start_position
+        end = start + n
         table = chunk.block_table
+        needed_blocks = -(-end // bs)
         if len(table) < needed_blocks:
             raise ValueError(f"block table has {len(table)} blocks, {needed_blocks} needed for {end} tokens")
         if not 0 <= chunk.num_logits <= n:
             raise ValueError(f"num_logits={chunk.num_logits} outside [0, {n}]")
-        token_ids.extend(chunk.token_ids)
-        span = range(chunk.start_position, end)
+        if n == 1:  # a decode token: no ranges to build
+            token_ids.append(ids[0])
+            positions.append(start)
+            slots.append(table[start // bs] * bs + start % bs)
+            if chunk.num_logits:
+                logits_rows.append(row)
+            decode_rows.append(row)
+            decode_tables.append(table if len(table) == needed_blocks else table[:needed_blocks])
+            decode_lens.append(end)
+            row += 1
+            continue
+        if n == 0:
+            raise ValueError("a sequence chunk has no tokens")
+        token_ids.extend(ids)
+        span = range(start, end)
         positions.extend(span)
         slots.extend(table[p // bs] * bs + p % bs for p in span)
         logits_rows.extend(range(row + n - chunk.num_logits, row + n))
-        if n == 1:
-            decode_rows.append(row)
-            decode_tables.append(table[:needed_blocks])
-            decode_lens.append(end)
-        else:
-            context = torch.arange(needed_blocks * bs)
-            pos = torch.arange(chunk.start_position, end)
-            mask = context[None, :] <= pos[:, None]
-            segments.append((row, n, torch.tensor(table[:needed_blocks], dtype=torch.long).to(device),
-                             mask.to(device)))
+        context = torch.arange(needed_blocks * bs)
+        mask = context[None, :] <= torch.arange(start, end)[:, None]
+        segments.append((row, n, _long_tensor(table[:needed_blocks]).to(device), mask.to(device)))
         row += n
 
     decode_groups = []
     for group in group_decode_rows(decode_lens, bs, decode_group_slots):
+        size = len(group)
         max_blocks = max(len(decode_tables[i]) for i in group)
-        blocks = torch.tensor([decode_tables[i] + [0] * (max_blocks - len(decode_tables[i])) for i in group],
-                              dtype=torch.long)
-        lens = torch.tensor([decode_lens[i] for i in group], dtype=torch.long)
-        mask = torch.arange(max_blocks * bs)[None, :] < lens[:, None]
-        decode_groups.append(DecodeGroup(torch.tensor([decode_rows[i] for i in group], dtype=torch.long,
-                                                      device=device), blocks.to(device), mask.to(device),
-                                         lens.to(device)))
+        values = [decode_rows[i] for i in group] + [decode_lens[i] for i in group]
+        for i in group:
+            table = decode_tables[i]
+            values += table
+            if len(table) < max_blocks:
+                values += [0] * (max_blocks - len(table))
+        packed = _long_tensor(values).to(device)  # rows, lens, then the padded tables: one conversion
+        decode_groups.append(DecodeGroup(packed[:size], packed[2 * size:].view(size, max_blocks),
+                                         packed[size:2 * size], bs))
 
     # the per-row index tensors in one tensor (one conversion, one copy to the device), then views
-    flat = torch.tensor(token_ids + positions + slots + logits_rows, dtype=torch.long).to(device)
+    flat = _long_tensor(token_ids + positions + slots + logits_rows).to(device)
     token_t, position_t, slot_t, logits_t = flat.split([row, row, row, len(logits_rows)])
     return ForwardBatch(
         token_ids=token_t,
@@ -152,3 +172,8 @@ def build_batch(chunks: list[SequenceChunk], block_size_tokens: int,
         block_size_tokens=bs,
         prefill_segments=segments,
     )
+
+
+def _long_tensor(values: list[int]) -> torch.Tensor:
+    """An int64 CPU tensor of a list of ints (through numpy: several times faster than torch.tensor)."""
+    return torch.from_numpy(np.array(values, dtype=np.int64))

@@ -299,13 +299,15 @@ class Sampler:
                 f"prompt_ids ({len(prompt_ids)}), output_ids ({len(output_ids)}), generators ({len(generators)})"
             )
         penalised = apply_penalties(logits, params, prompt_ids, output_ids)
-        token_ids = torch.empty(batch_size, dtype=torch.int64, device=logits.device)
-
         greedy = [i for i, p in enumerate(params) if p.greedy]
-        if greedy:
+        sampled = [i for i, p in enumerate(params) if not p.greedy]
+        if not sampled:  # every row greedy: one argmax, no row indexing
+            token_ids = penalised.argmax(dim=-1)
+        else:
+            token_ids = torch.empty(batch_size, dtype=torch.int64, device=logits.device)
+        if greedy and sampled:
             index = torch.tensor(greedy, device=logits.device)
             token_ids[index] = penalised[index].argmax(dim=-1)
-        sampled = [i for i, p in enumerate(params) if not p.greedy]
         if sampled:
             index = torch.tensor(sampled, device=logits.device)
             log_probs = process_logits(penalised[index], [params[i] for i in sampled])
