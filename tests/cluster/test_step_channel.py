@@ -1,7 +1,9 @@
-"""The coordinator's step channel against attention-worker StepServers (real ZMQ sockets)."""
+"""The coordinator's step channel against attention-worker StepServers (real ZMQ sockets), waiting
+for replies either blocking (``collect``) or on an asyncio loop (``collect_async``)."""
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import threading
 import time
@@ -22,6 +24,15 @@ def _step(token: int):
     return [SequenceChunk([token], 0, [0])], [RowSampling(GREEDY, 0)]
 
 
+WAITS = ["blocking", "asyncio"]
+
+
+def _run(channel: StepChannel, steps, wait: str):
+    if wait == "blocking":
+        return channel.run(steps)
+    return asyncio.run(channel.collect_async(channel.send(steps)))
+
+
 @pytest.fixture
 def servers():
     started: list[StepServer] = []
@@ -36,7 +47,8 @@ def servers():
         server.stop()
 
 
-def test_steps_of_several_workers_run_concurrently_and_come_back_by_worker(servers):
+@pytest.mark.parametrize("wait", WAITS)
+def test_steps_of_several_workers_run_concurrently_and_come_back_by_worker(servers, wait):
     barrier = threading.Barrier(2, timeout=10)  # both steps must be in flight at once
 
     def run(chunks, sampling):
@@ -45,14 +57,15 @@ def test_steps_of_several_workers_run_concurrently_and_come_back_by_worker(serve
 
     channel = StepChannel([servers(run).endpoint, servers(run).endpoint])
     try:
-        out = channel.run({0: _step(1), 1: _step(2)})
+        out = _run(channel, {0: _step(1), 1: _step(2)}, wait)
         assert out == {0: StepOutput([10], [None], [None]), 1: StepOutput([20], [None], [None])}
     finally:
         channel.close()
         channel.close()
 
 
-def test_a_failed_step_raises_worker_failure_and_the_channel_keeps_working(servers):
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_failed_step_raises_worker_failure_and_the_channel_keeps_working(servers, wait):
     def run(chunks, sampling):
         if chunks[0].token_ids == [0]:
             raise RuntimeError("dispatch to expert worker 1 timed out")
@@ -61,8 +74,8 @@ def test_a_failed_step_raises_worker_failure_and_the_channel_keeps_working(serve
     channel = StepChannel([servers(run).endpoint])
     try:
         with pytest.raises(WorkerFailure, match="step failed on attention worker 0: RuntimeError: dispatch to expert"):
-            channel.run({0: _step(0)})
-        assert channel.run({0: _step(5)}) == {0: StepOutput([1], [None], [None])}
+            _run(channel, {0: _step(0)}, wait)
+        assert _run(channel, {0: _step(5)}, wait) == {0: StepOutput([1], [None], [None])}
     finally:
         channel.close()
 
@@ -74,7 +87,8 @@ def _serve_slow_steps(conn) -> None:
     time.sleep(600)
 
 
-def test_a_worker_process_killed_mid_step_fails_the_step_at_once():
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_worker_process_killed_mid_step_fails_the_step_at_once(wait):
     parent, child = multiprocessing.Pipe()
     process = multiprocessing.get_context("spawn").Process(target=_serve_slow_steps, args=(child,), daemon=True)
     process.start()
@@ -85,11 +99,11 @@ def test_a_worker_process_killed_mid_step_fails_the_step_at_once():
 
         def call():
             try:
-                channel.run({0: _step(1)})
+                _run(channel, {0: _step(1)}, wait)
             except WorkerFailure as exc:
                 outcome["error"] = exc
 
-        thread = threading.Thread(target=call)
+        thread = threading.Thread(target=call, daemon=True)  # a hang fails the test, not the run
         thread.start()
         time.sleep(1.0)  # the step is running in the worker
         process.kill()
@@ -105,7 +119,8 @@ def test_a_worker_process_killed_mid_step_fails_the_step_at_once():
         process.join(10)
 
 
-def test_a_worker_that_does_not_answer_fails_the_step_at_the_timeout_and_its_late_answer_is_dropped(servers):
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_worker_that_does_not_answer_fails_the_step_at_the_timeout_and_its_late_answer_is_dropped(servers, wait):
     release = threading.Event()
 
     def run(chunks, sampling):
@@ -117,10 +132,36 @@ def test_a_worker_that_does_not_answer_fails_the_step_at_the_timeout_and_its_lat
     try:
         start = time.monotonic()
         with pytest.raises(WorkerFailure, match="attention worker 0 at .* did not answer step 0 within 1 s"):
-            channel.run({0: _step(0)})
+            _run(channel, {0: _step(0)}, wait)
         assert 1.0 <= time.monotonic() - start < 5
         release.set()  # the worker answers step 0 late, then runs step 1: only step 1's answer counts
-        assert channel.run({0: _step(7)}) == {0: StepOutput([107], [None], [None])}
+        assert _run(channel, {0: _step(7)}, wait) == {0: StepOutput([107], [None], [None])}
+    finally:
+        release.set()
+        channel.close()
+
+
+@pytest.mark.parametrize("wait", WAITS)
+def test_a_later_steps_reply_read_while_collecting_an_earlier_step_is_kept_for_its_collect(servers, wait):
+    """Two steps in flight: worker 0 answers both while worker 1 still computes the first."""
+    release = threading.Event()
+
+    def fast(chunks, sampling):
+        return StepOutput([chunks[0].token_ids[0]], [None], [None])
+
+    def slow(chunks, sampling):
+        release.wait(30)
+        return StepOutput([chunks[0].token_ids[0] + 1000], [None], [None])
+
+    channel = StepChannel([servers(fast).endpoint, servers(slow).endpoint], timeout_s=10)  # a lost reply fails
+    collect = channel.collect if wait == "blocking" else lambda sent: asyncio.run(channel.collect_async(sent))
+    try:
+        first = channel.send({0: _step(1), 1: _step(2)})
+        second = channel.send({0: _step(3), 1: _step(4)})
+        time.sleep(0.5)  # worker 0 has answered both steps by now
+        threading.Timer(0.5, release.set).start()
+        assert collect(first) == {0: StepOutput([1], [None], [None]), 1: StepOutput([1002], [None], [None])}
+        assert collect(second) == {0: StepOutput([3], [None], [None]), 1: StepOutput([1004], [None], [None])}
     finally:
         release.set()
         channel.close()
