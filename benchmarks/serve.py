@@ -27,7 +27,7 @@ time of our processes (this one and the cluster's workers) and of everything els
 daemons included) is read from /proc and reported in cores.
 
 For the engines the coordinator's steps are timed from outside: the wall time while some step is
-in flight (from ``executor.launch`` to the end of its ``executor.collect``; with overlapped
+in flight (from ``executor.launch`` to the end of its ``executor.collect_async``; with overlapped
 scheduling the next step is sent before the last is collected, so these spans join up), and the
 time left over is the coordinator's own on the critical path (scheduling and the hand-offs while
 no step runs); for the cluster the dispatcher's round-trip counters show what a step pays for
@@ -192,11 +192,11 @@ class TimedExecutor:
     def __init__(self, engine: Engine) -> None:
         self.stats = StepStats()
         self._launch = engine.executor.launch
-        self._collect = engine.executor.collect
+        self._collect = engine.executor.collect_async
         self._in_flight = 0
         self._busy_since = 0.0
         engine.executor.launch = self.launch  # type: ignore[method-assign]
-        engine.executor.collect = self.collect  # type: ignore[method-assign]
+        engine.executor.collect_async = self.collect_async  # type: ignore[method-assign]
 
     def launch(self, steps: dict[int, Any]) -> Any:
         if self._in_flight == 0:
@@ -207,9 +207,9 @@ class TimedExecutor:
             self.stats.rows += len(chunks)
         return self._launch(steps)
 
-    def collect(self, launched: Any) -> Any:
+    async def collect_async(self, launched: Any) -> Any:
         try:
-            return self._collect(launched)
+            return await self._collect(launched)
         finally:
             self._in_flight -= 1
             self.stats.steps += 1
@@ -560,7 +560,7 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         "compute past a request's own length):", "",
         ratio_table(results, concurrencies), "",
         "Engine steps: wall time while a step was in flight (from `executor.launch` to the end of its "
-        "`executor.collect`; overlapped scheduling sends a step before the last one is collected), per "
+        "`executor.collect_async`; overlapped scheduling sends a step before the last one is collected), per "
         "step; outside = the rest, the coordinator's own time per step while no step ran:", "",
         steps_table(results), "",
         "Reading:", "",

@@ -3,7 +3,7 @@
 ``submit`` validates a request, queues it (a bounded queue: beyond it, ``EngineOverloaded``)
 and returns an async iterator of ``RequestOutput``. The engine loop runs on the caller's
 asyncio loop: it schedules a step (cluster.scheduler), sends it to the attention workers, waits
-for it in a thread (so the event loop keeps serving clients), then appends each sampled token,
+for it without blocking the event loop (which keeps serving clients), then appends each sampled token,
 detokenizes incrementally, applies stop conditions and pushes outputs to the streams. It sleeps
 when idle. Abort at any time frees the request's KV blocks (after the steps in flight, if any).
 
@@ -266,7 +266,7 @@ class Engine:
                 continue
             step = in_flight.popleft()
             try:
-                outputs = await asyncio.to_thread(self.executor.collect, step.handle)
+                outputs = await self.executor.collect_async(step.handle)
             except ClusterError as exc:
                 await self._step_failed(exc, [step, *in_flight])
                 in_flight.clear()

@@ -4,12 +4,13 @@
 (tests, the reference engine, the benchmark baseline). ``ClusterExecutor`` sends each attention
 worker its step as one message over the step channel (``cluster.step_channel``, ZMQ; Ray calls
 are for control and health); steps of different attention workers run concurrently. ``launch``
-sends a step and returns, ``collect`` waits for it: the engine streams the previous step's tokens
-in between.
+sends a step and returns, ``collect`` (or ``collect_async``, on the engine's event loop) waits for
+it: the engine streams the previous step's tokens in between.
 """
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, Protocol
 
 import ray
@@ -39,6 +40,9 @@ class StepExecutor(Protocol):
 
     def collect(self, launched: Any) -> dict[int, StepOutput]:
         """The outputs of a launched step (blocks until it is done); raises WorkerFailure."""
+
+    async def collect_async(self, launched: Any) -> dict[int, StepOutput]:
+        """``collect`` without blocking the caller's event loop."""
 
     def workers(self) -> list[dict[str, Any]]:
         """One dict per worker: role, index, node_id, state."""
@@ -72,6 +76,9 @@ class LocalExecutor:
 
     def collect(self, launched: dict[int, WorkerStep]) -> dict[int, StepOutput]:
         return self.execute(launched)
+
+    async def collect_async(self, launched: dict[int, WorkerStep]) -> dict[int, StepOutput]:
+        return await asyncio.to_thread(self.collect, launched)  # the step computes here: off the loop
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"role": "attention+expert", "index": 0, "node_id": "local", "state": "ready"}]
@@ -107,6 +114,14 @@ class ClusterExecutor:
     def collect(self, launched: SentStep) -> dict[int, StepOutput]:
         try:
             return self.channel.collect(launched)
+        except WorkerFailure:
+            self._failed.update(("attention", w) for w in self.channel.lost_workers())
+            raise
+
+    async def collect_async(self, launched: SentStep) -> dict[int, StepOutput]:
+        """The replies, awaited on the event loop (no thread hand-off: about 0.1-0.2 ms less per step)."""
+        try:
+            return await self.channel.collect_async(launched)
         except WorkerFailure:
             self._failed.update(("attention", w) for w in self.channel.lost_workers())
             raise

@@ -185,17 +185,17 @@ class _CountingExecutor:
 
     def __init__(self, engine: Engine) -> None:
         self.in_flight = self.most = 0
-        self._launch, self._collect = engine.executor.launch, engine.executor.collect
-        engine.executor.launch, engine.executor.collect = self.launch, self.collect  # type: ignore[method-assign]
+        self._launch, self._collect = engine.executor.launch, engine.executor.collect_async
+        engine.executor.launch, engine.executor.collect_async = self.launch, self.collect_async  # type: ignore
 
     def launch(self, steps):
         self.in_flight += 1
         self.most = max(self.most, self.in_flight)
         return self._launch(steps)
 
-    def collect(self, launched):
+    async def collect_async(self, launched):
         self.in_flight -= 1
-        return self._collect(launched)
+        return await self._collect(launched)
 
 
 def _mixed_params(i: int, n: int, stop_ids: tuple[int, ...]) -> SamplingParams:
