@@ -1,6 +1,8 @@
 """Serving benchmark: the cluster engine, the single-process engine and a transformers baseline.
 
-A load generator in the manner of vLLM's ``benchmark_serving``: N requests with seeded random
+A load generator in the manner of vLLM's ``benchmark_serving``: per concurrency, N requests (by
+default at least 64 and eight times the concurrency, so a run holds several waves of requests
+in flight rather than mostly its start and its tail; the same seeded list, cut to N) with seeded random
 prompt lengths (token ids drawn uniformly from the tiny model's ordinary tokens) and random output
 lengths, greedy with ``ignore_eos=True`` so every request produces exactly its output length. The
 requests are sent at a fixed concurrency (a client keeps that many in flight; all are ready at
@@ -97,6 +99,10 @@ def section_heading(preset: str, attention_workers: int = DEFAULT_SHAPE[0],
 
 DOCS_INTRO = "# Benchmarks\n\nResults of the programs in `benchmarks/`, each next to the command that produced it.\n"
 ENGINES = ("cluster", "local", "hf-static")
+# Requests per concurrency by default: at least MIN_REQUESTS, and WAVES times the concurrency, so a
+# run is mostly steady state; with only twice the concurrency it is mostly its start and its tail.
+MIN_REQUESTS = 64
+WAVES = 8
 
 
 # ---- workload -------------------------------------------------------------------------------------
@@ -548,7 +554,8 @@ def docs_section(args: argparse.Namespace, results: list[RunResult], concurrenci
         section_heading(args.preset, args.attention_workers, args.expert_workers), "",
         "```", command_line(), "```", "",
         f"Run {datetime.date.today().isoformat()} on {machine_line(args)}.", "",
-        f"{args.num_requests} requests, prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
+        f"{', '.join(f'{requests_at(args, c)} requests at concurrency {c}' for c in concurrencies)} (the first "
+        f"of one seeded list), prompts {args.prompt_len[0]}-{args.prompt_len[1]} tokens, outputs "
         f"{args.output_len[0]}-{args.output_len[1]} tokens (seed {args.seed}, greedy, `ignore_eos`), {mode}; "
         f"tiny \"{args.preset}\" checkpoint ({preset_summary(args.preset)}), float32. "
         f"`cluster`: `Engine.create` on local Ray "
@@ -590,7 +597,9 @@ def _range(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--num-requests", type=int, default=None,
+                        help=f"requests per concurrency (default: the larger of {MIN_REQUESTS} and "
+                             f"{WAVES} x the concurrency)")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--request-rate", type=float, default=None,
                         help="Poisson arrivals at this many requests/s (default: all at t=0)")
@@ -621,7 +630,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-async def run_all(engines: list[EngineUnderTest], hf: HfStatic | None, requests: list[BenchRequest],
+def requests_at(args: argparse.Namespace, concurrency: int) -> int:
+    """How many requests the run at ``concurrency`` sends."""
+    return args.num_requests or max(MIN_REQUESTS, WAVES * concurrency)
+
+
+async def run_all(engines: list[EngineUnderTest], hf: HfStatic | None, requests: dict[int, list[BenchRequest]],
                   warmup: list[BenchRequest], concurrencies: Sequence[int], from_arrival: bool) -> list[RunResult]:
     """Warm every engine up, then per concurrency run them back to back on the same requests."""
     for e in engines:
@@ -634,7 +648,7 @@ async def run_all(engines: list[EngineUnderTest], hf: HfStatic | None, requests:
         results = []
         for concurrency in concurrencies:
             for e in [*engines, *([hf] if hf else [])]:
-                result = e.run(requests, concurrency, from_arrival)
+                result = e.run(requests[concurrency], concurrency, from_arrival)
                 result = await result if asyncio.iscoroutine(result) else result
                 results.append(result)
                 print(f"[{e.name}] concurrency {concurrency}: {result.output_tok_s:.0f} output tok/s "
@@ -655,8 +669,9 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = args.checkpoint or str(make_tiny(Path(tmp) / f"tiny-{args.preset}", preset=args.preset))
         vocab = int(json.loads((Path(checkpoint) / "config.json").read_text())["vocab_size"])
-        requests = make_requests(args.num_requests, args.prompt_len, args.output_len, vocab, args.seed,
-                                 args.request_rate)
+        every = make_requests(max(requests_at(args, c) for c in concurrencies), args.prompt_len, args.output_len,
+                              vocab, args.seed, args.request_rate)
+        requests = {c: every[:requests_at(args, c)] for c in concurrencies}
         warmup = make_requests(max(concurrencies), (16, 64), (4, 8), vocab, args.seed + 1, None)
         config = EngineConfig(checkpoint=checkpoint, address="local", num_attention_workers=args.attention_workers,
                               num_expert_workers=args.expert_workers,
@@ -664,8 +679,10 @@ def main(argv: list[str] | None = None) -> None:
                               max_num_batched_tokens=args.max_num_batched_tokens,
                               max_num_seqs=max(256, max(concurrencies)), threads_per_worker=args.threads_per_worker,
                               micro_batches=args.micro_batches, async_scheduling=args.async_scheduling)
-        print(f"{len(requests)} requests, {sum(r.output_len for r in requests)} output tokens, "
-              f"{sum(len(r.prompt_ids) for r in requests)} prompt tokens; {machine_line(args)}", flush=True)
+        for c, batch in requests.items():
+            print(f"concurrency {c}: {len(batch)} requests, {sum(r.output_len for r in batch)} output tokens, "
+                  f"{sum(len(r.prompt_ids) for r in batch)} prompt tokens", flush=True)
+        print(machine_line(args), flush=True)
         engines: list[EngineUnderTest] = []
         try:
             # every engine stays up for the whole run, so each concurrency is measured on all of them
