@@ -32,6 +32,8 @@ from workers.kv_cache import BlockAllocator
 
 log = logging.getLogger(__name__)
 
+LOCAL_RAY_START_ATTEMPTS = 2  # a local Ray node that fails to start is started once more
+
 
 @dataclass(frozen=True)
 class ClusterConfig:
@@ -158,18 +160,28 @@ class Cluster:
         cfg = self.config
         if ray.is_initialized():
             return
-        try:
-            if cfg.address == "local":
-                # address="local" always starts a fresh instance, even if a Ray cluster runs on this host
-                ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                         logging_level=logging.WARNING,
-                         resources={"attention": cfg.num_attention_workers, "expert": cfg.num_expert_workers})
-                self._owns_ray = True
-            else:
-                ray.init(address=cfg.address, logging_level=logging.WARNING)
-        except Exception as exc:  # Ray raises plain exceptions (ConnectionError, RuntimeError, ...)
-            what = "start a local Ray instance" if cfg.address == "local" else f"join the Ray cluster at {cfg.address}"
-            raise ClusterStartError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
+        attempts = LOCAL_RAY_START_ATTEMPTS if cfg.address == "local" else 1
+        for attempt in range(1, attempts + 1):
+            try:
+                if cfg.address == "local":
+                    # address="local" always starts a fresh instance, even if a Ray cluster runs on this host
+                    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                             logging_level=logging.WARNING,
+                             resources={"attention": cfg.num_attention_workers, "expert": cfg.num_expert_workers})
+                    self._owns_ray = True
+                else:
+                    ray.init(address=cfg.address, logging_level=logging.WARNING)
+                return
+            except Exception as exc:  # Ray raises plain exceptions (ConnectionError, RuntimeError, ...)
+                if attempt < attempts:
+                    # A local node whose raylet or dashboard died while starting (seen now and then right
+                    # after another Ray instance on this host stopped): clear what it left, start afresh.
+                    log.warning("local Ray did not start (%s: %s); starting it again", type(exc).__name__, exc)
+                    ray.shutdown()
+                    continue
+                what = ("start a local Ray instance" if cfg.address == "local"
+                        else f"join the Ray cluster at {cfg.address}")
+                raise ClusterStartError(f"could not {what}: {type(exc).__name__}: {exc}") from exc
 
     def _wait(self, refs: list[Any], role: str) -> list[Any]:
         try:
