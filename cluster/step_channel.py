@@ -145,7 +145,7 @@ class StepChannel:
             worker = self._worker_of[sock]
             try:
                 reply_id, result = decode_reply(sock.recv(zmq.NOBLOCK))
-            except zmq.Again:  # a poll with timeout 0 may report a socket whose message is not complete
+            except zmq.Again:  # nothing after all (defensive: this thread is the sockets' only reader)
                 continue
             except StepWireError as exc:
                 state.waiting.discard(worker)
