@@ -332,7 +332,7 @@ class Engine:
             request.num_unresolved -= 1
             if request.aborted:
                 self._finish(request, "abort")
-            elif token in request.stop_token_ids or self._at_length_limit(request, entry.output_index + 1):
+            elif token in request.stop_token_ids or request.is_last_output(entry.output_index + 1):
                 self._emit(request, output, row, entry.output_index + 1)
             else:
                 deferred.append((request, output, row, entry.output_index + 1))
@@ -344,12 +344,6 @@ class Engine:
             if request.status is not RequestStatus.FINISHED:  # not aborted or stopped meanwhile
                 self._emit(request, output, row, produced)
         deferred.clear()
-
-    @staticmethod
-    def _at_length_limit(request: Request, produced: int) -> bool:
-        """Whether the request's ``produced``-th output token is its last (length or context limit)."""
-        return (produced >= request.params.max_new_tokens
-                or len(request.prompt_ids) + produced >= request.max_total_tokens)
 
     def _emit(self, request: Request, output: StepOutput, row: int, produced: int) -> None:
         """Detokenize a sampled token (output token number ``produced``, already in
@@ -365,7 +359,7 @@ class Engine:
             finish = "stop"
         elif token in request.stop_token_ids:
             finish = "stop"
-        elif self._at_length_limit(request, produced):
+        elif request.is_last_output(produced):
             finish = "length"
         if finish is not None and not check.stopped:
             request.text += request.detokenizer.flush()

@@ -81,16 +81,14 @@ class Request:
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
-    @property
-    def num_resolved(self) -> int:
-        """Output tokens whose values are known (the rest are placeholders of steps in flight)."""
-        return len(self.output_ids) - self.num_unresolved
+    def is_last_output(self, produced: int) -> bool:
+        """Whether output token number ``produced`` is the request's last (its length or context limit)."""
+        return produced >= self.params.max_new_tokens or len(self.prompt_ids) + produced >= self.max_total_tokens
 
     @property
     def last_token_scheduled(self) -> bool:
-        """The request's final token (its length or context limit) is already known or in flight."""
-        return (len(self.output_ids) >= self.params.max_new_tokens
-                or self.num_tokens >= self.max_total_tokens)
+        """The request's final token is already known or in flight."""
+        return self.is_last_output(len(self.output_ids))
 
     @property
     def finished(self) -> bool:

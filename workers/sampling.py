@@ -305,10 +305,9 @@ class Sampler:
             token_ids = penalised.argmax(dim=-1)
         else:
             token_ids = torch.empty(batch_size, dtype=torch.int64, device=logits.device)
-        if greedy and sampled:
-            index = torch.tensor(greedy, device=logits.device)
-            token_ids[index] = penalised[index].argmax(dim=-1)
-        if sampled:
+            if greedy:
+                index = torch.tensor(greedy, device=logits.device)
+                token_ids[index] = penalised[index].argmax(dim=-1)
             index = torch.tensor(sampled, device=logits.device)
             log_probs = process_logits(penalised[index], [params[i] for i in sampled])
             token_ids[index] = self._draw(log_probs, [generators[i] for i in sampled])
