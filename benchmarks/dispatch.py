@@ -48,6 +48,7 @@ from router import wire
 from router.dispatcher import Dispatcher
 from router.expert_server import ExpertServer
 from router.placement import PlacementTable
+from workers import cpu_kernels
 from workers.malloc_tuning import tune_malloc
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -299,6 +300,7 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
     torch.set_num_threads(1)  # like an attention worker with threads_per_worker=1
     max_workers = max(args.workers)
     zeros = memoryview(bytearray(max(args.tokens) * args.hidden_size * torch.bfloat16.itemsize))
+    combine = cpu_kernels.combine if cpu_kernels.available() else None  # as an attention worker passes it
     results = []
     with (
         _server_processes(_expert_server_main, (args.num_experts,), max_workers) as expert_endpoints,
@@ -306,7 +308,8 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
     ):
         for workers in args.workers:
             placement = PlacementTable.even(args.num_experts, workers)
-            dispatcher = Dispatcher(placement, dict(enumerate(expert_endpoints[:workers])), timeout_s=30.0)
+            dispatcher = Dispatcher(placement, dict(enumerate(expert_endpoints[:workers])), timeout_s=30.0,
+                                    combine=combine)
             raw = RawClient(echo_endpoints[:workers])
             try:
                 for tokens in args.tokens:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -31,6 +31,13 @@ HWM_MESSAGES = 1024
 # has no pairs for come back as zeros): the few extra rows on the wire cost less than gathering its
 # rows here and scattering its reply back into token order.
 FULL_BATCH_SHARE = 0.8
+
+Combine = Callable[[int, list[torch.Tensor], list[torch.Tensor | None]], torch.Tensor | None]
+"""combine(num_tokens, replies, rows) -> [num_tokens, H]: per token, the sum of the reply rows that
+hold it, in float32, rounded once to the replies' dtype; rows[i] (int64) names the token of each
+row of replies[i], None meaning every token in order; tokens no reply holds are zero. It returns
+None for replies it does not sum (a dtype or width it lacks), which the dispatcher then sums in
+torch. Called with at least one reply."""
 
 
 class PendingDispatch:
@@ -49,7 +56,8 @@ class PendingDispatch:
         # worker -> rows of the token batch it was sent; None: every token, in order
         self._rows: dict[int, torch.Tensor | None] = {}
         self._sent_s: dict[int, float] = {}
-        self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []  # (rows, y) of up to two workers
+        # (rows, y) as they came: up to two workers, or every worker when the dispatcher has a combine
+        self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self._float32_sum: torch.Tensor | None = None  # with three or more workers, summed as replies come
         self._deadline_s = time.monotonic() + dispatcher.timeout_s
         self._error: Exception | None = None
@@ -93,7 +101,8 @@ class PendingDispatch:
             )
             return
         if self._float32_sum is None:
-            if len(self._replies) + 1 + len(self._rows) <= 2:  # this reply, those before it, those to come
+            # this reply, those before it and those to come; a combine function sums them all at the end
+            if self._dispatcher.combine is not None or len(self._replies) + 1 + len(self._rows) <= 2:
                 self._replies.append((rows, msg.y))
                 return
             # Three or more replies: add each in float32 as it comes, while slower workers still compute.
@@ -107,13 +116,24 @@ class PendingDispatch:
         """Per token, the sum of the workers' replies, rounded once to the dtype of x.
 
         With one or two replies each element takes at most one add, which x's dtype rounds just
-        as a float32 sum would; three or more replies were summed in float32 as they came.
+        as a float32 sum would; three or more replies were summed in float32 as they came. A
+        dispatcher's `combine` function gets every reply at once instead.
         """
         if self._float32_sum is not None:
             return self._float32_sum.to(self._dtype)
+        if len(self._replies) == 1 and self._replies[0][0] is None:
+            return self._replies[0][1]  # one worker computed every token: nothing to add
+        combine = self._dispatcher.combine
+        if combine is not None and self._replies:
+            out = combine(self._shape[0], [y for _, y in self._replies], [rows for rows, _ in self._replies])
+            if out is not None:
+                return out
         replies = sorted(self._replies, key=lambda reply: reply[0] is not None)  # whole-batch replies first
-        if len(replies) == 1 and replies[0][0] is None:
-            return replies[0][1]  # one worker computed every token: nothing to add
+        if len(replies) > 2:  # kept for a combine that declined them: in float32, as _accept would have
+            total = torch.zeros(self._shape, dtype=torch.float32)
+            for rows, y in replies:
+                total.add_(y.float()) if rows is None else total.index_add_(0, rows, y.float())
+            return total.to(self._dtype)
         if len(replies) == 2 and replies[1][0] is None:
             return torch.add(replies[0][1], replies[1][1])
         if replies and replies[0][0] is None:
@@ -134,9 +154,12 @@ class Dispatcher:
 
     `endpoints` maps every worker id of the placement to its ZMQ address (`tcp://host:port`).
     One DEALER socket per worker; `timeout_s` bounds how long `result()` waits for all replies.
+    `combine`, if given, sums the replies of a dispatch instead of torch (`Combine`); the
+    attention worker passes its C++ kernel for the dtypes the kernel handles.
     """
 
-    def __init__(self, placement: PlacementTable, endpoints: Mapping[int, str], timeout_s: float = 30.0) -> None:
+    def __init__(self, placement: PlacementTable, endpoints: Mapping[int, str], timeout_s: float = 30.0,
+                 combine: Combine | None = None) -> None:
         missing = sorted(set(range(placement.num_workers)) - set(endpoints))
         if missing:
             raise PlacementError(f"no endpoint for expert worker(s) {missing}")
@@ -145,6 +168,7 @@ class Dispatcher:
         self.placement = placement
         self.endpoints = dict(endpoints)
         self.timeout_s = timeout_s
+        self.combine = combine
         self.counters = DispatcherCounters()
         self._ctx = zmq.Context()
         self._sockets: dict[int, zmq.Socket] = {}

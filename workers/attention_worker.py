@@ -17,6 +17,7 @@ import torch
 
 from router.dispatcher import Dispatcher
 from router.placement import PlacementTable
+from workers import cpu_kernels
 from workers.batch import SequenceChunk
 from workers.checkpoint import Checkpoint
 from workers.kv_cache import PagedKVCache
@@ -54,7 +55,10 @@ class AttentionWorker:
         """(Re)wire the MoE layers to the expert workers of ``placement``."""
         if self.dispatcher is not None:
             self.dispatcher.close()
-        self.dispatcher = Dispatcher(PlacementTable.from_dict(placement), endpoints, timeout_s=timeout_s)
+        # replies arrive in host memory whatever the device: the C++ combine sums them there
+        combine = cpu_kernels.combine if cpu_kernels.available() else None
+        self.dispatcher = Dispatcher(PlacementTable.from_dict(placement), endpoints, timeout_s=timeout_s,
+                                     combine=combine)
         self.model.set_expert_backend(self.dispatcher)
 
     def start_step_server(self, bind_host: str | None = None) -> str:

@@ -5,11 +5,13 @@ sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/ro
 runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
 ``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call; ``moe_route``
 (``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
-(``workers/csrc/rope.cpp``) the partial rotary embedding. The build needs a C++ compiler
-and ninja; it runs once per machine (``make install`` does it, about 30 s) into ``BUILD_DIR``
-(``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged. Where it cannot
-be built, ``available()`` is False, a warning says why, and the callers fall back to their torch
-paths. ``MOECLUSTER_CPU_KERNELS=0`` turns the kernels off (to compare, or to rule them out).
+(``workers/csrc/rope.cpp``) the partial rotary embedding; ``combine_replies``
+(``workers/csrc/combine_replies.cpp``) the dispatcher's per-token sum of the expert workers'
+replies. The build needs a C++ compiler and ninja; it runs once per machine (``make install``
+does it, about 30 s) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from
+there while the sources are unchanged. Where it cannot be built, ``available()`` is False, a
+warning says why, and the callers fall back to their torch paths. ``MOECLUSTER_CPU_KERNELS=0``
+turns the kernels off (to compare, or to rule them out).
 
     .venv/bin/python -m workers.cpu_kernels      # build (or find) and load them; prints the outcome
 """
@@ -44,7 +46,8 @@ def _build_dir() -> Path:
 
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
-SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp")
+SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp",
+           "combine_replies.cpp")
 HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
@@ -173,6 +176,29 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Partial NeoX RoPE of x [T, heads, D] float32 (rows may be strided) with cos/sin [T, R] → a new
     contiguous [T, heads, D]; channels from R on are copied."""
     return torch.ops.moecluster.rope(x, cos, sin)
+
+
+def combine_replies(num_tokens: int, replies: list[torch.Tensor], rows: list[torch.Tensor | None]) -> torch.Tensor:
+    """Per token, the float32 sum of the reply rows that hold it, rounded once: ``out[rows[i]] += replies[i]``.
+
+    replies: contiguous [n_i, H] bfloat16 (H a multiple of 16) or float32 (H a multiple of 8);
+    rows[i]: int64 [n_i], the token of each row of reply i (no token twice), or None for every
+    token in order. Tokens no reply holds are zero. Call only when ``available()``.
+    """
+    return torch.ops.moecluster.combine_replies(num_tokens, replies, rows)
+
+
+# Lanes of one combine_replies step per dtype: the hidden size must be a multiple of it.
+_COMBINE_LANES = {torch.bfloat16: 16, torch.float32: 8}
+
+
+def combine(num_tokens: int, replies: list[torch.Tensor], rows: list[torch.Tensor | None]) -> torch.Tensor | None:
+    """``combine_replies`` where the kernel sums these replies, else None: the dispatcher's
+    ``router.dispatcher.Combine`` (on None it sums them in torch). Call only when ``available()``."""
+    lanes = _COMBINE_LANES.get(replies[0].dtype)
+    if lanes is None or replies[0].shape[1] % lanes:
+        return None
+    return combine_replies(num_tokens, replies, rows)
 
 
 def main() -> None:

@@ -382,22 +382,24 @@ def scaled_rows(
     return x * scale.to(x.dtype).unsqueeze(1)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("num_workers", [2, 4])
-def test_half_precision_replies_are_summed_in_float32_and_rounded_once(num_workers, start_servers,
+def test_half_precision_replies_are_summed_in_float32_and_rounded_once(num_workers, dtype, start_servers,
                                                                         make_dispatcher) -> None:
     placement = PlacementTable.even(NUM_EXPERTS, num_workers)
     dispatcher = make_dispatcher(placement, endpoints_of(start_servers(placement, compute=scaled_rows)))
     x, ids, w = random_routing(40, 2, seed=9)  # top-2 of 8: some tokens skip a worker, some do not
-    x = x.to(torch.bfloat16)
+    x = x.to(dtype)
     worker = placement.choose(ids)
     want = torch.zeros(x.shape, dtype=torch.float32)
     for index in range(num_workers):  # each worker's reply, as it computes it, summed in float32
         scale = torch.where(worker == index, w, 0).sum(dim=1)
-        want += x * scale.to(torch.bfloat16).unsqueeze(1)
+        want += x * scale.to(dtype).unsqueeze(1)
     got = dispatcher.submit(1, x, ids, w).result()
-    # Two workers add in bfloat16, four in float32; with top-2 no token has more than two
-    # non-zero terms, so either way the result is the float32 sum rounded once, bit for bit.
-    assert got.dtype == torch.bfloat16 and torch.equal(got, want.to(torch.bfloat16))
+    # Two workers add in the dtype, four in float32 (the C++ combine always in float32; it
+    # declines float16, which torch then sums); with top-2 no token has more than two non-zero
+    # terms, so every way the result is the float32 sum rounded once, bit for bit.
+    assert got.dtype == dtype and torch.equal(got, want.to(dtype))
 
 
 def test_a_malformed_reply_fails_the_dispatches_waiting_on_that_worker(make_dispatcher) -> None:

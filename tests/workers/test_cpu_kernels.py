@@ -1,5 +1,6 @@
-"""The C++ paged decode attention (workers/csrc) against attention over the gathered context, and
-the model with and without it."""
+"""The C++ CPU kernels (workers/csrc) against their torch references: paged decode attention
+against attention over the gathered context (and the model with and without it), the routed
+experts, RMSNorm, the MoE gate, RoPE and the dispatcher's combine of expert replies."""
 
 from __future__ import annotations
 
@@ -205,6 +206,66 @@ def test_rope_kernel_matches_the_torch_rotation(rotary_dim, monkeypatch):
     got = RotaryEmbedding.apply(qk, cos, sin)
     monkeypatch.setattr(cpu_kernels, "available", lambda: False)
     torch.testing.assert_close(got, RotaryEmbedding.apply(qk, cos, sin))
+
+
+def float32_combine(num_tokens, replies, rows):
+    """The reference: index_add in float32, rounded once."""
+    acc = torch.zeros(num_tokens, replies[0].shape[1])
+    for y, r in zip(replies, rows, strict=True):
+        acc.index_add_(0, torch.arange(num_tokens) if r is None else r, y.float())
+    return acc.to(replies[0].dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_combine_replies_is_the_float32_sum_rounded_once(dtype):
+    gen = torch.Generator().manual_seed(3)
+    tokens, width = 9, 48
+    # whole-batch and partial replies; token 3 is in no reply, tokens 2 and 8 in three or four
+    rows = [None, torch.tensor([0, 2, 5, 8]), torch.tensor([7, 2, 1]), None]
+    replies = [torch.randn(tokens if r is None else len(r), width, generator=gen).mul(100).to(dtype) for r in rows]
+    got = cpu_kernels.combine_replies(tokens, replies, rows)
+    assert got.dtype == dtype and torch.equal(got, float32_combine(tokens, replies, rows))
+    partial = cpu_kernels.combine_replies(tokens, replies[1:3], rows[1:3])
+    assert torch.equal(partial, float32_combine(tokens, replies[1:3], rows[1:3]))
+    assert not partial[3].any() and not partial[4].any()  # tokens no reply holds are zero
+    assert torch.equal(cpu_kernels.combine_replies(tokens, replies[:1], [None]), replies[0])
+
+
+def test_combine_replies_rounds_to_nearest_even_and_keeps_specials():
+    one = torch.ones(1, 16, dtype=torch.bfloat16)
+    # 1 + 2^-8 is halfway between two bfloat16 values: nearest even is 1; 1 + 3 * 2^-8 rounds up
+    tie = torch.full((1, 16), 2.0**-8, dtype=torch.bfloat16)
+    assert torch.equal(cpu_kernels.combine_replies(1, [one, tie], [None, None]), one)
+    up = torch.full((1, 16), 3 * 2.0**-8, dtype=torch.bfloat16)
+    assert cpu_kernels.combine_replies(1, [one, up], [None, None])[0, 0].item() == 1 + 2.0**-6
+    special = torch.tensor([[float("inf"), float("-inf"), float("nan")] + [0.0] * 13], dtype=torch.bfloat16)
+    got = cpu_kernels.combine_replies(1, [special, one], [None, None])[0, :3].float()
+    assert got[0] == float("inf") and got[1] == float("-inf") and got[2].isnan()
+    inf_minus_inf = cpu_kernels.combine_replies(1, [special[:, :1].repeat(1, 16), -special[:, :1].repeat(1, 16)],
+                                                [None, None])
+    assert inf_minus_inf.float().isnan().all()
+
+
+@pytest.mark.parametrize("replies,rows,error,message", [
+    ([torch.zeros(2, 16)], [torch.tensor([0, 0])], RuntimeError, "names token 0 twice"),
+    ([torch.zeros(2, 16)], [torch.tensor([0, 3])], IndexError, "token 3 outside 0..2"),
+    ([torch.zeros(2, 16)], [torch.tensor([0, -1])], IndexError, "token -1 outside"),
+    ([torch.zeros(2, 16)], [None], RuntimeError, "covers every token but has 2 rows, not 3"),
+    ([torch.zeros(3, 16, dtype=torch.float16)], [None], RuntimeError, "bfloat16 or float32"),
+    ([torch.zeros(3, 8, dtype=torch.bfloat16)], [None], RuntimeError, "multiple of 16"),
+    ([torch.zeros(3, 16), torch.zeros(3, 24)], [None, None], RuntimeError, "reply 1"),
+    ([torch.zeros(2, 16)], [torch.tensor([0, 1], dtype=torch.int32)], RuntimeError, "int64"),
+])
+def test_combine_replies_rejects_what_it_cannot_sum(replies, rows, error, message):
+    with pytest.raises(error, match=message):
+        cpu_kernels.combine_replies(3, replies, rows)
+
+
+def test_combine_declines_what_the_kernel_does_not_sum():
+    assert cpu_kernels.combine(2, [torch.zeros(2, 16, dtype=torch.float16)], [None]) is None
+    assert cpu_kernels.combine(2, [torch.zeros(2, 40, dtype=torch.bfloat16)], [None]) is None  # 40 % 16
+    ones = torch.ones(2, 8)
+    assert torch.equal(cpu_kernels.combine(2, [ones, ones], [None, None]), 2 * ones)
 
 
 def test_the_build_fingerprint_follows_sources_flags_and_cpu(monkeypatch):
