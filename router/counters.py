@@ -9,6 +9,7 @@ string keys (msgpack- and JSON-able).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -28,7 +29,10 @@ class _ServerLayer:
 class ServerCounters:
     """Per layer: dispatches served, token rows and (token, expert) pairs received, bytes each way.
 
-    `tokens_per_expert` counts, per expert, the tokens routed to it (one per pair).
+    `tokens_per_expert` counts, per expert, the tokens routed to it (one per pair). The server
+    counts a dispatch with `record_later` before it replies and `flush`es after the reply is
+    sent, so the counting is not on the round trip; every reader flushes first, so a reply the
+    caller has received is always counted.
     """
 
     def __init__(self, num_experts: int) -> None:
@@ -36,22 +40,46 @@ class ServerCounters:
         self._lock = threading.Lock()
         self._layers: dict[int, _ServerLayer] = {}
         self._tokens_per_expert: dict[int, np.ndarray] = {}
+        self._later: tuple[int, torch.Tensor, int, Sequence[Any], Sequence[Any]] | None = None
         self.errors = 0
 
     def record(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int, bytes_sent: int) -> None:
         """Count one dispatch; `pair_expert` must hold ids in 0..num_experts-1 (the server checks them)."""
         with self._lock:
-            counts = self._layers.get(layer)
-            if counts is None:
-                counts = self._layers[layer] = _ServerLayer()
-                self._tokens_per_expert[layer] = np.zeros(self.num_experts, dtype=np.int64)
-            counts.dispatches += 1
-            counts.tokens += tokens
-            counts.pairs += pair_expert.numel()
-            counts.bytes_received += bytes_received
-            counts.bytes_sent += bytes_sent
-            # numpy's bincount: a fraction of the cost of a torch call at a few hundred pairs
-            self._tokens_per_expert[layer] += np.bincount(pair_expert.numpy(), minlength=self.num_experts)
+            self._flush_locked()
+            self._record_locked(layer, pair_expert, tokens, bytes_received, bytes_sent)
+
+    def record_later(self, layer: int, pair_expert: torch.Tensor, tokens: int, frames_received: Sequence[Any],
+                     frames_sent: Sequence[Any]) -> None:
+        """`record` one dispatch at the next `flush` (or read); bytes are the frames' sizes."""
+        with self._lock:
+            self._flush_locked()
+            self._later = (layer, pair_expert, tokens, frames_received, frames_sent)
+
+    def flush(self) -> None:
+        """Count the dispatch `record_later` holds, if any."""
+        with self._lock:
+            self._flush_locked()
+
+    def _flush_locked(self) -> None:
+        if self._later is not None:
+            layer, pair_expert, tokens, frames_received, frames_sent = self._later
+            self._later = None
+            self._record_locked(layer, pair_expert, tokens, _nbytes(frames_received), _nbytes(frames_sent))
+
+    def _record_locked(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int,
+                       bytes_sent: int) -> None:
+        counts = self._layers.get(layer)
+        if counts is None:
+            counts = self._layers[layer] = _ServerLayer()
+            self._tokens_per_expert[layer] = np.zeros(self.num_experts, dtype=np.int64)
+        counts.dispatches += 1
+        counts.tokens += tokens
+        counts.pairs += pair_expert.numel()
+        counts.bytes_received += bytes_received
+        counts.bytes_sent += bytes_sent
+        # numpy's bincount: a fraction of the cost of a torch call at a few hundred pairs
+        self._tokens_per_expert[layer] += np.bincount(pair_expert.numpy(), minlength=self.num_experts)
 
     def record_error(self) -> None:
         with self._lock:
@@ -60,11 +88,13 @@ class ServerCounters:
     def total_tokens(self) -> int:
         """Token rows received over every layer since start."""
         with self._lock:
+            self._flush_locked()
             return sum(c.tokens for c in self._layers.values())
 
     def tokens_per_expert(self, layer: int) -> torch.Tensor:
         """Copy of the [num_experts] int64 pair counts of one layer (zeros if never dispatched)."""
         with self._lock:
+            self._flush_locked()
             counts = self._tokens_per_expert.get(layer)
             if counts is None:
                 return torch.zeros(self.num_experts, dtype=torch.int64)
@@ -72,11 +102,16 @@ class ServerCounters:
 
     def snapshot(self) -> dict[str, Any]:
         with self._lock:
+            self._flush_locked()
             layers = [
                 {"layer": layer, **asdict(c), "tokens_per_expert": self._tokens_per_expert[layer].tolist()}
                 for layer, c in sorted(self._layers.items())
             ]
             return {"num_experts": self.num_experts, "errors": self.errors, "layers": layers}
+
+
+def _nbytes(frames: Sequence[Any]) -> int:
+    return sum(memoryview(f).nbytes for f in frames)
 
 
 @dataclass

@@ -61,8 +61,12 @@ class ExpertServer(RouterSocketServer):
         except Exception as exc:  # a failing request must not take the server down
             out = self._reject(req, layer, exc)
         else:
-            self.counters.record(layer, pair_expert, x.shape[0], wire.nbytes(frames), wire.nbytes(out))
+            # counted once the reply is on its way (after_reply): not on the round trip
+            self.counters.record_later(layer, pair_expert, x.shape[0], frames, out)
         return out
+
+    def after_reply(self) -> None:
+        self.counters.flush()
 
     def _reject(self, req: int, layer: int, exc: Exception) -> list[wire.Frame]:
         """Count, log one line (a traceback for unexpected errors) and build the error reply."""

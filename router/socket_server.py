@@ -18,7 +18,8 @@ HWM_MESSAGES = 1024
 
 
 class RouterSocketServer:
-    """Subclasses implement ``handle(frames) -> reply frames``; it must not raise."""
+    """Subclasses implement ``handle(frames) -> reply frames``; it must not raise. ``after_reply``
+    runs after each reply is sent."""
 
     def __init__(self, name: str, bind_host: str = "127.0.0.1", port: int = 0) -> None:
         self._name = name
@@ -40,6 +41,9 @@ class RouterSocketServer:
 
     def handle(self, frames: list[zmq.Frame]) -> list[Any]:
         raise NotImplementedError
+
+    def after_reply(self) -> None:
+        """Called once each reply is sent: bookkeeping that need not delay it. Must not raise."""
 
     def start(self) -> RouterSocketServer:
         with self._lock:
@@ -88,6 +92,7 @@ class RouterSocketServer:
                 # One message per poll: cheaper than reading until zmq.Again.
                 frames = self._socket.recv_multipart(zmq.NOBLOCK, copy=False)
                 self._socket.send_multipart([frames[0], *self.handle(frames[1:])], copy=False)
+                self.after_reply()
         finally:
             self._socket.close()
             self._wake_recv.close()
