@@ -64,30 +64,53 @@ and compared. Figures from different machines are not comparable.
 HWM_MESSAGES = 1024  # as router.dispatcher / router.expert_server
 REPLY_TIMEOUT_MS = 30_000
 LAYER = 1  # the expert servers here ignore the layer; any id will do
+STAND_IN_TIMES = "stand-in times"  # asks an expert server process for its stand-in's times
 _SIZES = struct.Struct("<QQ")  # raw echo request header: reply header bytes, reply payload bytes
 
 
 # ---- server processes ---------------------------------------------------------------------------
+_stand_in_s: list[float] = []  # in an expert server process: the stand-in's time per dispatch
+
+
 def _scaled_rows(
     layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor
 ) -> torch.Tensor:
     """Cheap stand-in for the experts: y[t] = x[t] * (sum of t's pair weights), shaped like x."""
+    started = time.perf_counter()
     scale = torch.zeros(x.shape[0], dtype=torch.float32).index_add_(0, pair_token.long(), pair_weight)
-    return x * scale.to(x.dtype).unsqueeze(1)
+    y = x * scale.to(x.dtype).unsqueeze(1)
+    _stand_in_s.append(time.perf_counter() - started)
+    return y
 
 
 def _expert_server_main(conn: Connection, num_experts: int) -> None:
+    """Serve until the parent sends None (or closes the pipe); STAND_IN_TIMES asks for the stand-in's times."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, Ctrl-C or not
     tune_malloc()  # as an expert worker does
     torch.set_num_threads(1)
     server = ExpertServer(_scaled_rows, num_experts, bind_host="127.0.0.1").start()
     try:
         conn.send(server.endpoint)
-        conn.recv()  # any message, or the pipe closing, means stop
+        while conn.recv() == STAND_IN_TIMES:
+            times = _stand_in_s[:]
+            del _stand_in_s[:len(times)]
+            conn.send(times)
     except EOFError:
         pass
     finally:
         server.stop()
+
+
+def stand_in_times(conns: Sequence[Connection]) -> list[float]:
+    """The stand-in's times in these expert servers since the last call (and forget them there)."""
+    times: list[float] = []
+    for conn in conns:
+        conn.send(STAND_IN_TIMES)
+    for conn in conns:
+        if not conn.poll(30):
+            raise RuntimeError("an expert server did not report its stand-in times within 30 s")
+        times += conn.recv()
+    return times
 
 
 def _echo_server_main(conn: Connection) -> None:
@@ -125,8 +148,9 @@ def _echo_server_main(conn: Connection) -> None:
 
 
 @contextmanager
-def _server_processes(target: Callable[..., None], args: tuple, count: int) -> Iterator[list[str]]:
-    """Start `count` spawned server processes; yield their endpoints; always stop and join them."""
+def _server_processes(target: Callable[..., None], args: tuple,
+                      count: int) -> Iterator[list[tuple[str, Connection]]]:
+    """Start `count` spawned server processes; yield (endpoint, pipe) of each; always stop and join them."""
     ctx = mp.get_context("spawn")
     procs: list[tuple[mp.process.BaseProcess, Connection]] = []
     try:
@@ -141,12 +165,12 @@ def _server_processes(target: Callable[..., None], args: tuple, count: int) -> I
                 signal.pthread_sigmask(signal.SIG_SETMASK, old)
             child.close()
             procs.append((proc, parent))
-        endpoints = []
+        servers = []
         for proc, parent in procs:
             if not parent.poll(120):
                 raise RuntimeError(f"server process {proc.pid} did not report its endpoint within 120 s")
-            endpoints.append(parent.recv())
-        yield endpoints
+            servers.append((parent.recv(), parent))
+        yield servers
     finally:
         for _, parent in procs:
             try:
@@ -254,6 +278,12 @@ class CellResult:
     dispatch_s: list[float]
     submit_s: list[float]
     raw_s: list[float]
+    stand_in_s: list[float]  # each expert server's stand-in compute, per message it served
+
+    @property
+    def stand_in_per_dispatch_s(self) -> float:
+        """Stand-in compute per measured dispatch, summed over the workers it went to."""
+        return sum(self.stand_in_s) / len(self.dispatch_s)
 
 
 def _check(case: Case, y: torch.Tensor) -> None:
@@ -264,9 +294,10 @@ def _check(case: Case, y: torch.Tensor) -> None:
 
 def measure_cell(
     dispatcher: Dispatcher, raw: RawClient, cases: list[Case], warmup: int, min_iters: int, max_iters: int,
-    budget_s: float,
-) -> tuple[list[float], list[float], list[float]]:
-    """Alternate dispatch and raw round trips (order flipped each iteration) over the cases."""
+    budget_s: float, expert_conns: Sequence[Connection],
+) -> tuple[list[float], list[float], list[float], list[float]]:
+    """Alternate dispatch and raw round trips (order flipped each iteration) over the cases; also
+    the expert servers' stand-in times during the measured dispatches."""
     _check(cases[0], dispatcher.submit(LAYER, cases[0].x, cases[0].topk_ids, cases[0].topk_weights).result())
     dispatch_s: list[float] = []
     submit_s: list[float] = []
@@ -292,8 +323,9 @@ def measure_cell(
                     submit_s.append(t1 - t0)
         if i == warmup:
             started = time.perf_counter()
+            stand_in_times(expert_conns)  # forget the warm-up's
         i += 1
-    return dispatch_s, submit_s, raw_s
+    return dispatch_s, submit_s, raw_s, stand_in_times(expert_conns)
 
 
 def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
@@ -303,9 +335,11 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
     combine = cpu_kernels.combine if cpu_kernels.available() else None  # as an attention worker passes it
     results = []
     with (
-        _server_processes(_expert_server_main, (args.num_experts,), max_workers) as expert_endpoints,
-        _server_processes(_echo_server_main, (), max_workers) as echo_endpoints,
+        _server_processes(_expert_server_main, (args.num_experts,), max_workers) as expert_servers,
+        _server_processes(_echo_server_main, (), max_workers) as echo_servers,
     ):
+        expert_endpoints = [endpoint for endpoint, _ in expert_servers]
+        echo_endpoints = [endpoint for endpoint, _ in echo_servers]
         for workers in args.workers:
             placement = PlacementTable.even(args.num_experts, workers)
             dispatcher = Dispatcher(placement, dict(enumerate(expert_endpoints[:workers])), timeout_s=30.0,
@@ -315,13 +349,14 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
                 for tokens in args.tokens:
                     cases = make_cases(tokens, placement, args.hidden_size, args.top_k, args.routings,
                                        seed=tokens * 100 + workers, zeros=zeros)
-                    dispatch_s, submit_s, raw_s = measure_cell(
-                        dispatcher, raw, cases, args.warmup, args.min_iters, args.max_iters, args.cell_budget_s)
+                    dispatch_s, submit_s, raw_s, stand_in_s = measure_cell(
+                        dispatcher, raw, cases, args.warmup, args.min_iters, args.max_iters, args.cell_budget_s,
+                        [conn for _, conn in expert_servers[:workers]])
                     cell = CellResult(
                         tokens, workers, len(dispatch_s),
                         statistics.mean(c.bytes_out for c in cases) / 1024,
                         statistics.mean(c.bytes_in for c in cases) / 1024,
-                        dispatch_s, submit_s, raw_s)
+                        dispatch_s, submit_s, raw_s, stand_in_s)
                     results.append(cell)
                     print(f"  {tokens:>4} tokens, {workers} workers: dispatch {_ms(median(dispatch_s))} ms, "
                           f"raw {_ms(median(raw_s))} ms ({cell.iterations} iterations)", flush=True)
@@ -453,10 +488,11 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def dispatch_table(cells: list[CellResult]) -> str:
     headers = ["tokens", "workers", "KiB out", "KiB in", "dispatch p50 ms", "dispatch p90 ms", "raw p50 ms",
-               "raw p90 ms", "dispatch/raw", "submit() p50 ms", "iterations"]
+               "raw p90 ms", "dispatch/raw", "submit() p50 ms", "stand-in ms/dispatch", "iterations"]
     rows = [[str(c.tokens), str(c.workers), f"{c.kib_out:.1f}", f"{c.kib_in:.1f}", _ms(median(c.dispatch_s)),
              _ms(p90(c.dispatch_s)), _ms(median(c.raw_s)), _ms(p90(c.raw_s)),
-             f"{median(c.dispatch_s) / median(c.raw_s):.2f}x", _ms(median(c.submit_s)), str(c.iterations)]
+             f"{median(c.dispatch_s) / median(c.raw_s):.2f}x", _ms(median(c.submit_s)),
+             _ms(c.stand_in_per_dispatch_s), str(c.iterations)]
             for c in cells]
     return markdown_table(headers, rows)
 
