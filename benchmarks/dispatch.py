@@ -1,9 +1,12 @@
 """Dispatch benchmark: the router's per-layer round trip against raw ZMQ, and cluster decode speed.
 
 Part 1, per-layer dispatch. Expert servers (`router.expert_server.ExpertServer`) run in separate
-processes (multiprocessing, spawn) on 127.0.0.1; their compute is deliberately cheap (each row of
-x scaled by the sum of its pairs' routing weights, via index_add), so what is timed is the
-transport and the dispatcher's own work, not the experts. For each (tokens, workers) cell we time
+processes (multiprocessing, spawn) on 127.0.0.1; their compute is a stand-in meant to be cheap
+(each row of x scaled by the sum of its pairs' routing weights, via index_add), so what is timed
+is mostly the transport and the dispatcher's own work, not the experts; the servers time the
+stand-in and the table reports it per dispatch (it is not cheap on an AVX2 CPU, where torch
+multiplies bfloat16 at about 0.5 ns per element). The dispatcher gets the C++ plan and combine
+kernels, as an attention worker's does. For each (tokens, workers) cell we time
 `Dispatcher.submit(...).result()` with hidden size 4096 in bfloat16 and random top-8-of-128
 routing. In the same run, interleaved iteration by iteration, a plain DEALER -> ROUTER echo (also
 in separate processes) sends each of the same workers one multipart message with exactly the
@@ -332,7 +335,7 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
     torch.set_num_threads(1)  # like an attention worker with threads_per_worker=1
     max_workers = max(args.workers)
     zeros = memoryview(bytearray(max(args.tokens) * args.hidden_size * torch.bfloat16.itemsize))
-    combine = cpu_kernels.combine if cpu_kernels.available() else None  # as an attention worker passes it
+    kernels = cpu_kernels.dispatch_kernels()  # as an attention worker passes them
     results = []
     with (
         _server_processes(_expert_server_main, (args.num_experts,), max_workers) as expert_servers,
@@ -343,7 +346,7 @@ def run_dispatch(args: argparse.Namespace) -> list[CellResult]:
         for workers in args.workers:
             placement = PlacementTable.even(args.num_experts, workers)
             dispatcher = Dispatcher(placement, dict(enumerate(expert_endpoints[:workers])), timeout_s=30.0,
-                                    combine=combine)
+                                    kernels=kernels)
             raw = RawClient(echo_endpoints[:workers])
             try:
                 for tokens in args.tokens:
@@ -577,29 +580,23 @@ Where the time goes (structural, independent of this run's figures):
 * Both columns pay the same loopback TCP transfer and the same ZMQ framing (the same frames, sent
   zero-copy above pyzmq's 64 KiB copy threshold in both); on 2 cores the client and the servers
   also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
-* The dispatcher adds, in `submit()`: the ids and weights as numpy arrays (the pair bookkeeping
-  is a few hundred integers, where numpy's per-call cost is a fraction of torch's), one reduction
-  bounding the expert ids, a table lookup of each pair's worker (`PlacementTable.pair_workers`)
-  and a bincount. When one worker gets every pair, x goes as it is with the pairs in token order;
-  otherwise, per worker, a mask over the pairs gives its pairs and the tokens it needs (a
-  handful of vector operations), and a worker that needs only some tokens gets an
-  `index_select` of x's rows. Each message is three frames: a msgpack array header, x, and the
-  pairs as one [3, P] int32 frame (row, expert id, weight); the sends go one after another. In
-  `result()`: decoding each reply (the header's items checked, a `torch.frombuffer` view), then a
-  single reply covering every token is returned as received (no copy), two replies are one add
-  in bfloat16 (rounded once, as a float32 sum would be), and three or more, as with 4 workers
-  where most workers see only some tokens, are summed in float32 as they arrive: a cast and an
-  `index_add_` per partial reply and a cast back, the largest client cost left at 4 workers. The
-  expert server adds decoding (views of the frames and one reduction bounding the pair rows and
-  expert ids), the stand-in compute (a bfloat16 multiply of x, itself a few hundred microseconds
-  on this CPU), a one-op `ServerCounters.record` and encoding.
+* The dispatcher adds, in `submit()`: one C++ call (`workers/csrc/plan_dispatch.cpp`, as an
+  attention worker's dispatcher has it) that picks each pair's worker from the placement table
+  and builds, per worker, its pairs as one [3, P] int32 frame (row, expert id, weight bits) and,
+  for a worker that needs fewer than 80% of the tokens, its rows of x gathered; one msgpack
+  header per message; the sends go one after another. In `result()`: decoding each reply (the
+  header's items checked, a `torch.frombuffer` view); a single reply covering every token is
+  returned as received (no copy), otherwise one C++ pass (`workers/csrc/combine_replies.cpp`)
+  sums the replies per token in float32 and rounds once to bfloat16. The expert server adds
+  decoding (views of the frames and one reduction bounding the pair rows and expert ids), the
+  stand-in compute (its own column: a bfloat16 multiply of x in torch, slow on an AVX2 CPU) and
+  encoding; it counts the dispatch after replying.
 * Each of these is a torch, numpy or pyzmq call of a few to tens of microseconds in a hot loop,
   but a round trip runs them after a wake-up, with the caches cold from the 0.5 MiB transfers,
   where they cost several times as much; so the fixed part dominates at a few tokens. With 4
-  workers the whole machine is busy: the dispatch needs about 2.5 times the CPU time of the raw
-  echo (the servers' compute, the client's row copies and float32 sum), and 5 busy processes share
-  2 cores. Other work on the machine moves the ratio from run to run by several tenths (check the
-  load average line).
+  workers the whole machine is busy: the servers' stand-in compute alone is about half a raw
+  round trip of CPU time, and 5 busy processes share 2 cores. Other work on the machine moves
+  the ratio from run to run by a tenth or two (check the load average line).
 * Decode: a cluster step is a Ray actor call (about 1 ms) plus, per MoE layer (3 here), a dispatch
   to both expert workers; 3 single-threaded worker processes, the driver and Ray's daemons share
   2 cores. The single process's 2 torch threads are fragile on 2 cores: when any other process is

@@ -15,6 +15,7 @@ import itertools
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,6 +40,25 @@ row of replies[i], None meaning every token in order; tokens no reply holds are 
 None for replies it does not sum (a dtype or width it lacks), which the dispatcher then sums in
 torch. Called with at least one reply."""
 
+Plan = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float],
+                tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
+"""plan(x [T, H], topk_ids int64 [T, K], topk_weights float32 [T, K], table, counts, num_workers,
+full_batch_share) -> (workers, xs, pairs, rows): what `Dispatcher.submit` sends, as its numpy path
+computes it. `table` and `counts` are `PlacementTable.replica_table()`. Per destination worker
+(ascending, only those with pairs): the rows of x it needs gathered and their tokens (int64), or
+two empty tensors when it gets x as it is (`full_batch_share`), and its pairs as one [3, P] int32
+tensor (row, expert id, weight bits) in token-major order. Raises IndexError for an expert id
+outside the table."""
+
+
+@dataclass(frozen=True)
+class DispatchKernels:
+    """Native replacements for the dispatcher's numpy and torch paths, with the same results; the
+    attention worker passes the C++ ones (`workers.cpu_kernels.dispatch_kernels`)."""
+
+    plan: Plan
+    combine: Combine
+
 
 class PendingDispatch:
     """Replies still to come for one `Dispatcher.submit`; `result()` waits for them."""
@@ -56,7 +76,7 @@ class PendingDispatch:
         # worker -> rows of the token batch it was sent; None: every token, in order
         self._rows: dict[int, torch.Tensor | None] = {}
         self._sent_s: dict[int, float] = {}
-        # (rows, y) as they came: up to two workers, or every worker when the dispatcher has a combine
+        # (rows, y) as they came: up to two workers, or every worker when the dispatcher has kernels
         self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self._float32_sum: torch.Tensor | None = None  # with three or more workers, summed as replies come
         self._deadline_s = time.monotonic() + dispatcher.timeout_s
@@ -101,8 +121,8 @@ class PendingDispatch:
             )
             return
         if self._float32_sum is None:
-            # this reply, those before it and those to come; a combine function sums them all at the end
-            if self._dispatcher.combine is not None or len(self._replies) + 1 + len(self._rows) <= 2:
+            # this reply, those before it and those to come; kernels.combine sums them all at the end
+            if self._dispatcher.kernels is not None or len(self._replies) + 1 + len(self._rows) <= 2:
                 self._replies.append((rows, msg.y))
                 return
             # Three or more replies: add each in float32 as it comes, while slower workers still compute.
@@ -117,15 +137,15 @@ class PendingDispatch:
 
         With one or two replies each element takes at most one add, which x's dtype rounds just
         as a float32 sum would; three or more replies were summed in float32 as they came. A
-        dispatcher's `combine` function gets every reply at once instead.
+        dispatcher's `kernels.combine` gets every reply at once instead.
         """
         if self._float32_sum is not None:
             return self._float32_sum.to(self._dtype)
         if len(self._replies) == 1 and self._replies[0][0] is None:
             return self._replies[0][1]  # one worker computed every token: nothing to add
-        combine = self._dispatcher.combine
-        if combine is not None and self._replies:
-            out = combine(self._shape[0], [y for _, y in self._replies], [rows for rows, _ in self._replies])
+        kernels = self._dispatcher.kernels
+        if kernels is not None and self._replies:
+            out = kernels.combine(self._shape[0], [y for _, y in self._replies], [rows for rows, _ in self._replies])
             if out is not None:
                 return out
         replies = sorted(self._replies, key=lambda reply: reply[0] is not None)  # whole-batch replies first
@@ -154,12 +174,11 @@ class Dispatcher:
 
     `endpoints` maps every worker id of the placement to its ZMQ address (`tcp://host:port`).
     One DEALER socket per worker; `timeout_s` bounds how long `result()` waits for all replies.
-    `combine`, if given, sums the replies of a dispatch instead of torch (`Combine`); the
-    attention worker passes its C++ kernel for the dtypes the kernel handles.
+    `kernels`, if given, plan each dispatch and sum its replies instead of numpy and torch.
     """
 
     def __init__(self, placement: PlacementTable, endpoints: Mapping[int, str], timeout_s: float = 30.0,
-                 combine: Combine | None = None) -> None:
+                 kernels: DispatchKernels | None = None) -> None:
         missing = sorted(set(range(placement.num_workers)) - set(endpoints))
         if missing:
             raise PlacementError(f"no endpoint for expert worker(s) {missing}")
@@ -168,7 +187,8 @@ class Dispatcher:
         self.placement = placement
         self.endpoints = dict(endpoints)
         self.timeout_s = timeout_s
-        self.combine = combine
+        self.kernels = kernels
+        self._replica_table = placement.replica_table()
         self.counters = DispatcherCounters()
         self._ctx = zmq.Context()
         self._sockets: dict[int, zmq.Socket] = {}
@@ -213,10 +233,12 @@ class Dispatcher:
             topk_ids = topk_ids.to(device="cpu", dtype=torch.int64)
         if topk_weights.dtype != torch.float32 or not topk_weights.is_cpu or topk_weights.requires_grad:
             topk_weights = topk_weights.detach().to(device="cpu", dtype=torch.float32)
+        x_cpu = x.cpu()
+        if self.kernels is not None:
+            return self._send_plan(pending, x_cpu, topk_ids, topk_weights)
         expert = topk_ids.numpy().reshape(-1)
         weight = topk_weights.numpy().reshape(-1)
         worker_of_pair = self.placement.pair_workers(topk_ids)
-        x_cpu = x.cpu()
         self._pending[pending.req] = pending
         pair_counts = np.bincount(worker_of_pair, minlength=self.placement.num_workers)
         if pair_counts.max() == expert.size:  # one worker computes every pair
@@ -243,6 +265,24 @@ class Dispatcher:
             pairs[1] = expert[pair]
             pairs[2] = weight_bits[pair]
             self._send(pending, worker, rows, x_worker, pairs)
+        return pending
+
+    def _send_plan(self, pending: PendingDispatch, x: torch.Tensor, topk_ids: torch.Tensor,
+                   topk_weights: torch.Tensor) -> PendingDispatch:
+        """Send what `kernels.plan` computes (the numpy path's messages, in one call)."""
+        table, counts = self._replica_table
+        try:
+            workers, xs, pairs, rows = self.kernels.plan(x.contiguous(), topk_ids.contiguous(),
+                                                         topk_weights.contiguous(), table, counts,
+                                                         self.placement.num_workers, FULL_BATCH_SHARE)
+        except IndexError as exc:
+            raise PlacementError(str(exc).splitlines()[0]) from None
+        self._pending[pending.req] = pending
+        for worker, x_worker, worker_pairs, worker_rows in zip(workers.tolist(), xs, pairs, rows, strict=True):
+            if worker_rows.numel():
+                self._send(pending, worker, worker_rows, x_worker, worker_pairs.numpy())
+            else:
+                self._send(pending, worker, None, x, worker_pairs.numpy())
         return pending
 
     def _send_every_pair(self, pending: PendingDispatch, worker: int, x: torch.Tensor, expert: np.ndarray,

@@ -99,6 +99,11 @@ class PlacementTable:
         token = torch.arange(ids.shape[0], dtype=torch.int64).unsqueeze(1)
         return self._table[ids, token % counts]
 
+    def replica_table(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(table int64 [E, R], counts int64 [E]): expert e's replicas are ``table[e, :counts[e]]``;
+        ``choose`` sends token t of expert e to ``table[e, t % counts[e]]``. Shared: do not modify."""
+        return self._table, self._counts
+
     def pair_workers(self, topk_ids: torch.Tensor) -> np.ndarray:
         """``choose`` flattened token-major, as int64 numpy: the dispatcher's per-layer form.
 

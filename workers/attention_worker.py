@@ -55,10 +55,10 @@ class AttentionWorker:
         """(Re)wire the MoE layers to the expert workers of ``placement``."""
         if self.dispatcher is not None:
             self.dispatcher.close()
-        # replies arrive in host memory whatever the device: the C++ combine sums them there
-        combine = cpu_kernels.combine if cpu_kernels.available() else None
+        # messages leave from and replies arrive in host memory whatever the device: the C++
+        # kernels plan and sum them there
         self.dispatcher = Dispatcher(PlacementTable.from_dict(placement), endpoints, timeout_s=timeout_s,
-                                     combine=combine)
+                                     kernels=cpu_kernels.dispatch_kernels())
         self.model.set_expert_backend(self.dispatcher)
 
     def start_step_server(self, bind_host: str | None = None) -> str:

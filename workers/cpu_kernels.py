@@ -5,12 +5,13 @@ sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/ro
 runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
 ``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call; ``moe_route``
 (``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
-(``workers/csrc/rope.cpp``) the partial rotary embedding; ``combine_replies``
-(``workers/csrc/combine_replies.cpp``) the dispatcher's per-token sum of the expert workers'
-replies. The build needs a C++ compiler and ninja; it runs once per machine (``make install``
-does it, about 30 s) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from
-there while the sources are unchanged. Where it cannot be built, ``available()`` is False, a
-warning says why, and the callers fall back to their torch paths. ``MOECLUSTER_CPU_KERNELS=0``
+(``workers/csrc/rope.cpp``) the partial rotary embedding; ``plan_dispatch`` and
+``combine_replies`` (``workers/csrc/plan_dispatch.cpp``, ``combine_replies.cpp``) the router's
+dispatcher's grouping of pairs by expert worker and its per-token sum of their replies. The
+build needs a C++ compiler and ninja; it runs once per machine (``make install`` does it, about
+30 s) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from there while
+the sources are unchanged. Where it cannot be built, ``available()`` is False, a warning says
+why, and the callers fall back to their torch (or numpy) paths. ``MOECLUSTER_CPU_KERNELS=0``
 turns the kernels off (to compare, or to rule them out).
 
     .venv/bin/python -m workers.cpu_kernels      # build (or find) and load them; prints the outcome
@@ -26,6 +27,8 @@ import threading
 from pathlib import Path
 
 import torch
+
+from router.dispatcher import DispatchKernels
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ def _build_dir() -> Path:
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
 SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp",
-           "combine_replies.cpp")
+           "combine_replies.cpp", "plan_dispatch.cpp")
 HEADERS = ("float8.h",)
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
@@ -199,6 +202,19 @@ def combine(num_tokens: int, replies: list[torch.Tensor], rows: list[torch.Tenso
     if lanes is None or replies[0].shape[1] % lanes:
         return None
     return combine_replies(num_tokens, replies, rows)
+
+
+def plan_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, table: torch.Tensor,
+                  counts: torch.Tensor, num_workers: int,
+                  full_batch_share: float) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
+                                                    list[torch.Tensor]]:
+    """The dispatcher's messages for one MoE layer: ``router.dispatcher.Plan``. Call only when ``available()``."""
+    return torch.ops.moecluster.plan_dispatch(x, topk_ids, topk_weights, table, counts, num_workers, full_batch_share)
+
+
+def dispatch_kernels() -> DispatchKernels | None:
+    """The dispatcher's C++ plan and combine, or None (numpy and torch then) where the kernels are not loaded."""
+    return DispatchKernels(plan=plan_dispatch, combine=combine) if available() else None
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from router.dispatcher import Combine, Dispatcher
+from router.dispatcher import Dispatcher, DispatchKernels
 from router.expert_server import ComputeFn, ExpertServer
 from router.placement import PlacementTable
 from workers import cpu_kernels
@@ -108,26 +108,26 @@ def start_servers(weights: Weights) -> Iterator[Callable[..., list[ExpertServer]
         server.stop()
 
 
-@pytest.fixture(params=["torch sum", "C++ combine"])
-def combine(request: pytest.FixtureRequest) -> Combine | None:
-    """How dispatchers sum replies: torch (the default), or the C++ kernel an attention worker passes."""
-    if request.param == "torch sum":
+@pytest.fixture(params=["numpy and torch", "C++ kernels"])
+def kernels(request: pytest.FixtureRequest) -> DispatchKernels | None:
+    """How dispatchers plan and sum: numpy and torch (the default), or the C++ kernels an attention worker passes."""
+    if request.param == "numpy and torch":
         return None
     if cpu_kernels.disabled_by_env():
         pytest.skip(f"{cpu_kernels.DISABLE_ENV} turns the C++ kernels off")
     assert cpu_kernels.available(), f"C++ CPU kernels did not load: {cpu_kernels.load_error()}"
-    return cpu_kernels.combine
+    return cpu_kernels.dispatch_kernels()
 
 
 @pytest.fixture
-def make_dispatcher(combine: Combine | None) -> Iterator[Callable[..., Dispatcher]]:
+def make_dispatcher(kernels: DispatchKernels | None) -> Iterator[Callable[..., Dispatcher]]:
     """make_dispatcher(placement, endpoints, timeout_s=...) -> Dispatcher; all closed at teardown.
 
-    Every test that makes dispatchers runs with both ways of summing replies (`combine`)."""
+    Every test that makes dispatchers runs with both ways of planning and summing (`kernels`)."""
     made: list[Dispatcher] = []
 
     def make(placement: PlacementTable, endpoints: dict[int, str], timeout_s: float = 10.0) -> Dispatcher:
-        dispatcher = Dispatcher(placement, endpoints, timeout_s=timeout_s, combine=combine)
+        dispatcher = Dispatcher(placement, endpoints, timeout_s=timeout_s, kernels=kernels)
         made.append(dispatcher)
         return dispatcher
 

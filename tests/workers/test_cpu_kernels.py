@@ -1,15 +1,19 @@
 """The C++ CPU kernels (workers/csrc) against their torch references: paged decode attention
 against attention over the gathered context (and the model with and without it), the routed
-experts, RMSNorm, the MoE gate, RoPE and the dispatcher's combine of expert replies."""
+experts, RMSNorm, the MoE gate, RoPE, and the dispatcher's plan and combine against its numpy and
+torch paths."""
 
 from __future__ import annotations
 
 import random
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from router.dispatcher import Dispatcher
+from router.placement import PlacementTable
 from workers import cpu_kernels
 from workers.batch import SequenceChunk, build_batch
 from workers.generate import load_model
@@ -266,6 +270,54 @@ def test_combine_declines_what_the_kernel_does_not_sum():
     assert cpu_kernels.combine(2, [torch.zeros(2, 40, dtype=torch.bfloat16)], [None]) is None  # 40 % 16
     ones = torch.ones(2, 8)
     assert torch.equal(cpu_kernels.combine(2, [ones, ones], [None, None]), 2 * ones)
+
+
+def planned_messages(placement, x, topk_ids, topk_weights, kernels):
+    """What Dispatcher.submit sends, per worker: (rows or None, x rows, pairs), without sockets."""
+    sent = {}
+    dispatcher = Dispatcher(placement, {w: f"tcp://127.0.0.1:{9 + w}" for w in range(placement.num_workers)},
+                            kernels=kernels)
+    try:
+        dispatcher._send = lambda pending, worker, rows, xs, pairs: sent.setdefault(worker, (rows, xs, pairs))
+        dispatcher.submit(1, x, topk_ids, topk_weights)
+    finally:
+        dispatcher.close()
+    return sent
+
+
+@pytest.mark.parametrize("workers,replicas,tokens,top_k", [
+    (1, 1, 64, 8), (2, 1, 64, 8), (4, 1, 64, 8), (4, 1, 5, 2), (8, 1, 37, 4), (3, 2, 50, 8), (4, 4, 9, 3),
+    (2, 1, 1, 8), (4, 1, 256, 8),
+])
+def test_plan_dispatch_sends_what_the_numpy_path_sends(workers, replicas, tokens, top_k):
+    gen = torch.Generator().manual_seed(workers * 100 + tokens)
+    placement = PlacementTable.even(32, workers, replicas=replicas)
+    x = torch.randn(tokens, 16, generator=gen).to(torch.bfloat16)
+    topk_ids = torch.rand(tokens, 32, generator=gen).topk(top_k, dim=1).indices
+    topk_weights = torch.rand(tokens, top_k, generator=gen)
+    want = planned_messages(placement, x, topk_ids, topk_weights, None)
+    got = planned_messages(placement, x, topk_ids, topk_weights, cpu_kernels.dispatch_kernels())
+    assert sorted(got) == sorted(want)
+    for worker, (rows, xs, pairs) in want.items():
+        got_rows, got_xs, got_pairs = got[worker]
+        assert (got_rows is None) == (rows is None)
+        if rows is not None:
+            assert torch.equal(got_rows, rows)
+        assert torch.equal(got_xs, xs) and np.array_equal(got_pairs, pairs)
+
+
+def test_plan_dispatch_rejects_what_it_cannot_place():
+    placement = PlacementTable.even(8, 2)
+    table, counts = placement.replica_table()
+    x = torch.zeros(2, 16)
+    weights = torch.ones(2, 2)
+    for bad in (8, -1):
+        with pytest.raises(IndexError, match="topk_ids outside 0..7"):
+            cpu_kernels.plan_dispatch(x, torch.tensor([[0, 1], [2, bad]]), weights, table, counts, 2, 0.8)
+    with pytest.raises(RuntimeError, match="outside 0..0"):  # the table names worker 1 of a 1-worker cluster
+        cpu_kernels.plan_dispatch(x, torch.tensor([[0, 7], [1, 2]]), weights, table, counts, 1, 0.8)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu_kernels.plan_dispatch(x, torch.tensor([[0, 1], [1, 2]]), weights.double(), table, counts, 2, 0.8)
 
 
 def test_the_build_fingerprint_follows_sources_flags_and_cpu(monkeypatch):
