@@ -79,6 +79,7 @@ class PendingDispatch:
         # (rows, y) as they came: up to two workers, or every worker when the dispatcher has kernels
         self._replies: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         self._float32_sum: torch.Tensor | None = None  # with three or more workers, summed as replies come
+        self._x_frame: zmq.Frame | None = None  # x as one frame, for every worker sent all of it
         self._deadline_s = time.monotonic() + dispatcher.timeout_s
         self._error: Exception | None = None
         self._value: torch.Tensor | None = None
@@ -314,9 +315,17 @@ class Dispatcher:
     def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, x: torch.Tensor,
               pairs: np.ndarray) -> None:
         frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs)
+        sock = self._sockets[worker]
+        if rows is None and x.nbytes >= sock.copy_threshold:
+            # Every worker sent x as it is shares one zero-copy frame: pyzmq releases a zero-copy
+            # frame through its garbage-collector thread, a thread wake-up per frame otherwise.
+            # (Below the threshold pyzmq copies the bytes instead, which is cheaper.)
+            if pending._x_frame is None:
+                pending._x_frame = zmq.Frame(frames[1], copy=False)
+            frames[1] = pending._x_frame
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
-            self._sockets[worker].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._pending.pop(pending.req, None)
             self.counters.record_timeout()
