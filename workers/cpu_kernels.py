@@ -1,4 +1,4 @@
-"""The project's C++ CPU kernels: built once with torch's extension builder, then loaded as torch ops.
+"""The project's C++ CPU kernels: built once with torch's extension builder, then loaded as a module.
 
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
 sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
@@ -7,9 +7,12 @@ runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` 
 (``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
 (``workers/csrc/rope.cpp``) the partial rotary embedding; ``plan_dispatch`` and
 ``combine_replies`` (``workers/csrc/plan_dispatch.cpp``, ``combine_replies.cpp``) the router's
-dispatcher's grouping of pairs by expert worker and its per-token sum of their replies. The
-build needs a C++ compiler and ninja; it runs once per machine (``make install`` does it, about
-30 s) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from there while
+dispatcher's grouping of pairs by expert worker and its per-token sum of their replies. Each is
+registered as a torch op (``torch.ops.moecluster.*``) and bound in one extension module
+(``workers/csrc/bindings.cpp``), which the functions here call: a torch op call costs about
+10 µs of dispatch, a bound call 1-2 µs, and a decode step makes a few dozen. The build needs a
+C++ compiler and ninja; it runs once per machine (``make install`` does it, about 2 minutes on 2
+cores) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from there while
 the sources are unchanged. Where it cannot be built, ``available()`` is False, a warning says
 why, and the callers fall back to their torch (or numpy) paths. ``MOECLUSTER_CPU_KERNELS=0``
 turns the kernels off (to compare, or to rule them out).
@@ -20,11 +23,13 @@ turns the kernels off (to compare, or to rule them out).
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
 import threading
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -50,8 +55,8 @@ def _build_dir() -> Path:
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
 SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp",
-           "combine_replies.cpp", "plan_dispatch.cpp")
-HEADERS = ("float8.h",)
+           "combine_replies.cpp", "plan_dispatch.cpp", "bindings.cpp")
+HEADERS = ("float8.h", "kernels.h")
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
 
@@ -72,6 +77,11 @@ def available() -> bool:
     return bool(_state["loaded"])
 
 
+def _kernels() -> Any:
+    """The loaded extension module (its functions are the kernels, called without torch's op dispatch)."""
+    return _state["module"]
+
+
 def load_error() -> str | None:
     """Why the kernels are not available (None when they are, or before the first ``available()``)."""
     return _state.get("error")  # type: ignore[return-value]
@@ -88,17 +98,20 @@ def _load() -> bool:
         if library.exists() and stamp.exists() and stamp.read_text() == fingerprint:
             # Built from these sources: load it directly. The builder would take a lock file and run
             # ninja in every process, and a process killed while holding that lock blocks the rest.
-            torch.ops.load_library(str(library))
+            spec = importlib.util.spec_from_file_location(LIBRARY_NAME, library)
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+            _state["module"] = module
             return True
         from torch.utils import cpp_extension
 
         BUILD_DIR.mkdir(parents=True, exist_ok=True)
-        cpp_extension.load(
+        _state["module"] = cpp_extension.load(
             name=LIBRARY_NAME,
             sources=[str(SOURCE_DIR / name) for name in SOURCES],
             extra_cflags=list(CXX_FLAGS),
             build_directory=str(BUILD_DIR),
-            is_python_module=False,
+            is_python_module=True,
             verbose=False,
         )
         stamp.write_text(fingerprint)
@@ -140,7 +153,7 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Te
     Row ``rows[i]`` of q attends to the first ``context_lens[i]`` tokens of its sequence, whose
     blocks are ``block_tables[i]``. Call only when ``available()``.
     """
-    torch.ops.moecluster.paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens,
+    _kernels().paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens,
                                                  block_size, scale)
 
 
@@ -153,32 +166,32 @@ def routed_experts(x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch
     [E, 2I, H] and down [E, H, I], E for an expert not held. Raises IndexError for a token or
     expert id out of range and ValueError for an expert not held. Call only when ``available()``.
     """
-    return torch.ops.moecluster.routed_experts(x, pair_token, pair_expert, pair_weight, local_index, gate_up, down)
+    return _kernels().routed_experts(x, pair_token, pair_expert, pair_weight, local_index, gate_up, down)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``weight * (x * rsqrt(mean(x², -1) + eps))``; x [..., H] and weight [H] float32, contiguous, H % 8 == 0."""
-    return torch.ops.moecluster.rms_norm(x, weight, eps)
+    return _kernels().rms_norm(x, weight, eps)
 
 
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor,
                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x + residual, rms_norm(x + residual))`` in one call; the same conditions as ``rms_norm``."""
-    return torch.ops.moecluster.add_rms_norm(x, residual, weight, eps)
+    return _kernels().add_rms_norm(x, residual, weight, eps)
 
 
 def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int, topk_group: int,
               norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] float32 → (expert ids [T, K] int64, weights [T, K] float32), as
     ``workers.moe.MoeGate`` computes them after its matmul (sigmoid, bias, group-limited top-k)."""
-    return torch.ops.moecluster.moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
+    return _kernels().moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
                                           routed_scaling_factor)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Partial NeoX RoPE of x [T, heads, D] float32 (rows may be strided) with cos/sin [T, R] → a new
     contiguous [T, heads, D]; channels from R on are copied."""
-    return torch.ops.moecluster.rope(x, cos, sin)
+    return _kernels().rope(x, cos, sin)
 
 
 def combine_replies(num_tokens: int, replies: list[torch.Tensor], rows: list[torch.Tensor | None]) -> torch.Tensor:
@@ -188,7 +201,7 @@ def combine_replies(num_tokens: int, replies: list[torch.Tensor], rows: list[tor
     rows[i]: int64 [n_i], the token of each row of reply i (no token twice), or None for every
     token in order. Tokens no reply holds are zero. Call only when ``available()``.
     """
-    return torch.ops.moecluster.combine_replies(num_tokens, replies, rows)
+    return _kernels().combine_replies(num_tokens, replies, rows)
 
 
 # Lanes of one combine_replies step per dtype: the hidden size must be a multiple of it.
@@ -209,7 +222,7 @@ def plan_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
                   full_batch_share: float) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                                     list[torch.Tensor]]:
     """The dispatcher's messages for one MoE layer: ``router.dispatcher.Plan``. Call only when ``available()``."""
-    return torch.ops.moecluster.plan_dispatch(x, topk_ids, topk_weights, table, counts, num_workers, full_batch_share)
+    return _kernels().plan_dispatch(x, topk_ids, topk_weights, table, counts, num_workers, full_batch_share)
 
 
 def dispatch_kernels() -> DispatchKernels | None:

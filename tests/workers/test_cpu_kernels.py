@@ -320,6 +320,23 @@ def test_plan_dispatch_rejects_what_it_cannot_place():
         cpu_kernels.plan_dispatch(x, torch.tensor([[0, 1], [1, 2]]), weights.double(), table, counts, 2, 0.8)
 
 
+def test_the_bound_functions_and_the_torch_ops_are_the_same_kernels():
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 16, generator=gen)
+    weight = torch.randn(16, generator=gen)
+    assert torch.equal(cpu_kernels.rms_norm(x, weight, 1e-6), torch.ops.moecluster.rms_norm(x, weight, 1e-6))
+    replies, rows = [x, x[:2]], [None, torch.tensor([2, 0])]
+    assert torch.equal(cpu_kernels.combine_replies(3, replies, rows),
+                       torch.ops.moecluster.combine_replies(3, replies, rows))
+    table, counts = PlacementTable.even(8, 2).replica_table()
+    ids, weights = torch.tensor([[0, 7], [1, 2], [3, 4]]), torch.rand(3, 2, generator=gen)
+    bound = cpu_kernels.plan_dispatch(x, ids, weights, table, counts, 2, 0.8)
+    op = torch.ops.moecluster.plan_dispatch(x, ids, weights, table, counts, 2, 0.8)
+    assert torch.equal(bound[0], op[0])
+    for got, want in zip(bound[1:], op[1:], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
 def test_the_build_fingerprint_follows_sources_flags_and_cpu(monkeypatch):
     before = cpu_kernels._fingerprint()
     assert cpu_kernels._fingerprint() == before

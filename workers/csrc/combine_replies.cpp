@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -86,7 +88,12 @@ void sum_float32_row(float* out, const std::vector<const float*>& rows, int64_t 
   }
 }
 
-at::Tensor combine_replies(int64_t num_tokens, at::TensorList replies, const c10::List<std::optional<at::Tensor>>& rows) {
+}  // namespace
+
+namespace moecluster {
+
+at::Tensor combine_replies(int64_t num_tokens, const std::vector<at::Tensor>& replies,
+                           const std::vector<std::optional<at::Tensor>>& rows) {
   TORCH_CHECK(!replies.empty(), "combine_replies needs at least one reply");
   TORCH_CHECK(rows.size() == replies.size(), "got ", replies.size(), " replies but ", rows.size(), " row lists");
   TORCH_CHECK(num_tokens >= 0, "num_tokens must be >= 0, got ", num_tokens);
@@ -105,7 +112,7 @@ at::Tensor combine_replies(int64_t num_tokens, at::TensorList replies, const c10
                 "reply ", i, " is ", y.scalar_type(), " ", y.sizes(), "; every reply must be a contiguous CPU ",
                 dtype, " [n, ", width, "]");
     int64_t* where = position.data() + i * num_tokens;
-    const std::optional<at::Tensor> reply_rows = rows.get(i);
+    const std::optional<at::Tensor>& reply_rows = rows[i];
     if (!reply_rows.has_value()) {
       TORCH_CHECK(y.size(0) == num_tokens, "reply ", i, " covers every token but has ", y.size(0), " rows, not ",
                   num_tokens);
@@ -154,10 +161,21 @@ at::Tensor combine_replies(int64_t num_tokens, at::TensorList replies, const c10
   return out;
 }
 
+}  // namespace moecluster
+
+namespace {
+
+// The torch op's argument types for the same call.
+at::Tensor combine_replies_op(int64_t num_tokens, at::TensorList replies,
+                              const c10::List<std::optional<at::Tensor>>& rows) {
+  std::vector<std::optional<at::Tensor>> row_list(rows.begin(), rows.end());
+  return moecluster::combine_replies(num_tokens, replies.vec(), row_list);
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) {
   m.def("combine_replies(int num_tokens, Tensor[] replies, Tensor?[] rows) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("combine_replies", &combine_replies); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("combine_replies", &combine_replies_op); }

@@ -8,6 +8,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -29,6 +31,10 @@ void top_indices(const float* values, int64_t n, int64_t count, int64_t* out) {
     out[k] = best;
   }
 }
+
+}  // namespace
+
+namespace moecluster {
 
 std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const at::Tensor& bias, int64_t top_k,
                                              int64_t n_group, int64_t topk_group, bool norm_topk_prob,
@@ -91,7 +97,7 @@ std::tuple<at::Tensor, at::Tensor> moe_route(const at::Tensor& logits, const at:
   return {ids, weights};
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) {
   m.def(
@@ -99,4 +105,4 @@ TORCH_LIBRARY_FRAGMENT(moecluster, m) {
       "float routed_scaling_factor) -> (Tensor, Tensor)");
 }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("moe_route", &moe_route); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("moe_route", &moecluster::moe_route); }

@@ -11,6 +11,8 @@
 #include <c10/util/BFloat16.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -132,6 +134,10 @@ void decode_kernel(at::Tensor& out, const at::Tensor& q, const at::Tensor& k_cac
   });
 }
 
+}  // namespace
+
+namespace moecluster {
+
 void paged_decode_attention_(at::Tensor out, const at::Tensor& q, const at::Tensor& k_cache,
                              const at::Tensor& v_cache, const at::Tensor& rows, const at::Tensor& block_tables,
                              const at::Tensor& context_lens, int64_t block_size, double scale) {
@@ -183,7 +189,7 @@ void paged_decode_attention_(at::Tensor out, const at::Tensor& q, const at::Tens
   }
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY(moecluster, m) {
   m.def(
@@ -191,4 +197,4 @@ TORCH_LIBRARY(moecluster, m) {
       "Tensor block_tables, Tensor context_lens, int block_size, float scale) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("paged_decode_attention_", &paged_decode_attention_); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("paged_decode_attention_", &moecluster::paged_decode_attention_); }

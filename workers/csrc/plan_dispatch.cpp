@@ -11,12 +11,14 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 #include <cstring>
 #include <tuple>
 #include <vector>
 
-namespace {
+namespace moecluster {
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>> plan_dispatch(
     const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights, const at::Tensor& table,
@@ -120,7 +122,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>, std::ve
   return {workers, xs, pairs, rows};
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) {
   m.def(
@@ -128,4 +130,4 @@ TORCH_LIBRARY_FRAGMENT(moecluster, m) {
       "float full_batch_share) -> (Tensor, Tensor[], Tensor[], Tensor[])");
 }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("plan_dispatch", &plan_dispatch); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("plan_dispatch", &moecluster::plan_dispatch); }

@@ -7,6 +7,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 #include <tuple>
@@ -40,6 +42,10 @@ void normalise_rows(float* out, const float* x, const float* weight, int64_t row
   }
 }
 
+}  // namespace
+
+namespace moecluster {
+
 at::Tensor rms_norm(const at::Tensor& x, const at::Tensor& weight, double eps) {
   check(x, weight);
   at::Tensor out = at::empty_like(x);
@@ -66,7 +72,7 @@ std::tuple<at::Tensor, at::Tensor> add_rms_norm(const at::Tensor& x, const at::T
   return {sum, out};
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
@@ -74,6 +80,6 @@ TORCH_LIBRARY_FRAGMENT(moecluster, m) {
 }
 
 TORCH_LIBRARY_IMPL(moecluster, CPU, m) {
-  m.impl("rms_norm", &rms_norm);
-  m.impl("add_rms_norm", &add_rms_norm);
+  m.impl("rms_norm", &moecluster::rms_norm);
+  m.impl("add_rms_norm", &moecluster::add_rms_norm);
 }

@@ -7,9 +7,11 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cstdint>
 
-namespace {
+namespace moecluster {
 
 // x [T, heads, D] float32 (rows may be strided, each head contiguous); cos and sin [T, R].
 at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& sin) {
@@ -45,8 +47,8 @@ at::Tensor rope(const at::Tensor& x, const at::Tensor& cos, const at::Tensor& si
   return out;
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) { m.def("rope(Tensor x, Tensor cos, Tensor sin) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("rope", &rope); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("rope", &moecluster::rope); }

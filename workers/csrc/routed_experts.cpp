@@ -10,6 +10,8 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <cstdint>
 #include <vector>
@@ -59,6 +61,10 @@ inline void silu_mul(float* act, const float* gate, const float* up, int64_t wid
 inline int64_t index_at(const at::Tensor& t, const void* data, int64_t i) {
   return t.scalar_type() == at::kInt ? static_cast<const int32_t*>(data)[i] : static_cast<const int64_t*>(data)[i];
 }
+
+}  // namespace
+
+namespace moecluster {
 
 at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& pair_token, const at::Tensor& pair_expert,
                           const at::Tensor& pair_weight, const at::Tensor& local_index, const at::Tensor& gate_up,
@@ -145,7 +151,7 @@ at::Tensor routed_experts(const at::Tensor& x, const at::Tensor& pair_token, con
   return out;
 }
 
-}  // namespace
+}  // namespace moecluster
 
 TORCH_LIBRARY_FRAGMENT(moecluster, m) {
   m.def(
@@ -153,4 +159,4 @@ TORCH_LIBRARY_FRAGMENT(moecluster, m) {
       "Tensor gate_up, Tensor down) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("routed_experts", &routed_experts); }
+TORCH_LIBRARY_IMPL(moecluster, CPU, m) { m.impl("routed_experts", &moecluster::routed_experts); }
