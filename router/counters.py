@@ -43,15 +43,10 @@ class ServerCounters:
         self._later: tuple[int, torch.Tensor, int, Sequence[Any], Sequence[Any]] | None = None
         self.errors = 0
 
-    def record(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int, bytes_sent: int) -> None:
-        """Count one dispatch; `pair_expert` must hold ids in 0..num_experts-1 (the server checks them)."""
-        with self._lock:
-            self._flush_locked()
-            self._record_locked(layer, pair_expert, tokens, bytes_received, bytes_sent)
-
     def record_later(self, layer: int, pair_expert: torch.Tensor, tokens: int, frames_received: Sequence[Any],
                      frames_sent: Sequence[Any]) -> None:
-        """`record` one dispatch at the next `flush` (or read); bytes are the frames' sizes."""
+        """Count one dispatch at the next `flush` (or read); bytes are the frames' sizes. `pair_expert`
+        must hold ids in 0..num_experts-1 (the server checks them)."""
         with self._lock:
             self._flush_locked()
             self._later = (layer, pair_expert, tokens, frames_received, frames_sent)
