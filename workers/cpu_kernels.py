@@ -153,8 +153,8 @@ def paged_decode_attention(out: torch.Tensor, q: torch.Tensor, k_cache: torch.Te
     Row ``rows[i]`` of q attends to the first ``context_lens[i]`` tokens of its sequence, whose
     blocks are ``block_tables[i]``. Call only when ``available()``.
     """
-    _kernels().paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens,
-                                                 block_size, scale)
+    _kernels().paged_decode_attention_(out, q, k_cache, v_cache, rows, block_tables, context_lens, block_size,
+                                       scale)
 
 
 def routed_experts(x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor, pair_weight: torch.Tensor,
@@ -184,8 +184,7 @@ def moe_route(logits: torch.Tensor, bias: torch.Tensor, top_k: int, n_group: int
               norm_topk_prob: bool, routed_scaling_factor: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Router logits [T, E] float32 → (expert ids [T, K] int64, weights [T, K] float32), as
     ``workers.moe.MoeGate`` computes them after its matmul (sigmoid, bias, group-limited top-k)."""
-    return _kernels().moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob,
-                                          routed_scaling_factor)
+    return _kernels().moe_route(logits, bias, top_k, n_group, topk_group, norm_topk_prob, routed_scaling_factor)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
