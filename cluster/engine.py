@@ -109,7 +109,7 @@ class Engine:
         self._arrivals = itertools.count()
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
-        self._in_flight: set[Request] = set()
+        self._launched: deque[LaunchedStep] = deque()  # sent, oldest first; at most max_steps_in_flight
         self.max_steps_in_flight = 2 if async_scheduling else 1
         self._unavailable: str | None = None
         self.num_steps = 0
@@ -229,8 +229,12 @@ class Engine:
         if request is None or request.finished:
             return
         request.aborted = True
-        if request not in self._in_flight:
+        if not self._in_a_launched_step(request):
             self._finish(request, "abort")
+
+    def _in_a_launched_step(self, request: Request) -> bool:
+        return any(entry.request is request for step in self._launched for plan in step.plans.values()
+                   for entry in plan.scheduled)
 
     # ---- the loop -------------------------------------------------------------------------------
     async def _run(self) -> None:
@@ -238,7 +242,7 @@ class Engine:
         # Tokens sampled in a collected step whose text is yet to be made and streamed: done while
         # the next step runs (async output processing), since the schedule needs only the token ids.
         deferred: list[tuple[Request, StepOutput, int, int]] = []
-        in_flight: deque[LaunchedStep] = deque()  # sent, oldest first; at most max_steps_in_flight
+        in_flight = self._launched
         while True:
             if not in_flight and not self.scheduler.has_work():
                 self._emit_all(deferred)
@@ -264,17 +268,17 @@ class Engine:
             if not in_flight:  # work is queued, but nothing fits yet
                 await asyncio.sleep(0.001)
                 continue
-            step = in_flight.popleft()
+            step = in_flight[0]  # stays in flight (an abort waits for it) until collected
             try:
                 outputs = await self.executor.collect_async(step.handle)
             except ClusterError as exc:
-                await self._step_failed(exc, [step, *in_flight])
+                await self._step_failed(exc, list(in_flight))
                 in_flight.clear()
                 continue
+            in_flight.popleft()
             self.num_steps += 1
             for worker, plan in step.plans.items():
                 deferred += self._apply(plan, outputs[worker])
-            self._in_flight = {e.request for s in in_flight for p in s.plans.values() for e in p.scheduled}
 
     def _launch(self, plans: dict[int, WorkerPlan]) -> LaunchedStep:
         """Send a step and advance its requests as if it had run: their tokens count as cached, and
@@ -285,7 +289,6 @@ class Engine:
             for entry in plan.scheduled:
                 request = entry.request
                 request.num_cached += entry.num_tokens
-                self._in_flight.add(request)
                 if entry.samples:
                     entry.output_index = len(request.output_ids)
                     request.output_ids.append(-(row + 1))
@@ -298,7 +301,6 @@ class Engine:
         ran, if at all, after the failed one) rather than hang or retry blindly."""
         log.error("step failed: %s", exc)
         lost = await asyncio.to_thread(self.executor.lost_workers)
-        self._in_flight = set()
         if lost:  # no replacement yet: stop taking requests rather than fail each one slowly
             self._unavailable = "lost workers: " + "; ".join(lost)
             log.error("engine unavailable: %s", self._unavailable)
