@@ -16,6 +16,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from router import wire
+
 
 @dataclass
 class _ServerLayer:
@@ -60,7 +62,7 @@ class ServerCounters:
         if self._later is not None:
             layer, pair_expert, tokens, frames_received, frames_sent = self._later
             self._later = None
-            self._record_locked(layer, pair_expert, tokens, _nbytes(frames_received), _nbytes(frames_sent))
+            self._record_locked(layer, pair_expert, tokens, wire.nbytes(frames_received), wire.nbytes(frames_sent))
 
     def _record_locked(self, layer: int, pair_expert: torch.Tensor, tokens: int, bytes_received: int,
                        bytes_sent: int) -> None:
@@ -103,10 +105,6 @@ class ServerCounters:
                 for layer, c in sorted(self._layers.items())
             ]
             return {"num_experts": self.num_experts, "errors": self.errors, "layers": layers}
-
-
-def _nbytes(frames: Sequence[Any]) -> int:
-    return sum(memoryview(f).nbytes for f in frames)
 
 
 @dataclass
