@@ -60,6 +60,14 @@ class DispatchKernels:
     combine: Combine
 
 
+def _add_in_float32(total: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> None:
+    """``total[rows] += y`` in float32 (every row when ``rows`` is None)."""
+    if rows is None:
+        total.add_(y.float())  # a mixed-dtype add_ is far slower than the cast
+    else:
+        total.index_add_(0, rows, y.float())
+
+
 class PendingDispatch:
     """Replies still to come for one `Dispatcher.submit`; `result()` waits for them."""
 
@@ -128,10 +136,7 @@ class PendingDispatch:
                 return
             # Three or more replies: add each in float32 as it comes, while slower workers still compute.
             self._float32_sum = torch.zeros(self._shape, dtype=torch.float32)
-        if rows is None:
-            self._float32_sum.add_(msg.y.float())  # a mixed-dtype add_ is far slower than the cast
-        else:
-            self._float32_sum.index_add_(0, rows, msg.y.float())
+        _add_in_float32(self._float32_sum, rows, msg.y)
 
     def _sum_replies(self) -> torch.Tensor:
         """Per token, the sum of the workers' replies, rounded once to the dtype of x.
@@ -153,7 +158,7 @@ class PendingDispatch:
         if len(replies) > 2:  # kept for a combine that declined them: in float32, as _accept would have
             total = torch.zeros(self._shape, dtype=torch.float32)
             for rows, y in replies:
-                total.add_(y.float()) if rows is None else total.index_add_(0, rows, y.float())
+                _add_in_float32(total, rows, y)
             return total.to(self._dtype)
         if len(replies) == 2 and replies[1][0] is None:
             return torch.add(replies[0][1], replies[1][1])
