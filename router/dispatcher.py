@@ -319,15 +319,16 @@ class Dispatcher:
 
     def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, x: torch.Tensor,
               pairs: np.ndarray) -> None:
-        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs)
         sock = self._sockets[worker]
+        x_frame = None
         if rows is None and x.nbytes >= sock.copy_threshold:
             # Every worker sent x as it is shares one zero-copy frame: pyzmq releases a zero-copy
             # frame through its garbage-collector thread, a thread wake-up per frame otherwise.
             # (Below the threshold pyzmq copies the bytes instead, which is cheaper.)
             if pending._x_frame is None:
-                pending._x_frame = zmq.Frame(frames[1], copy=False)
-            frames[1] = pending._x_frame
+                pending._x_frame = zmq.Frame(wire.tensor_frame(x), copy=False)
+            x_frame = pending._x_frame
+        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs, x_frame)
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
             sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)

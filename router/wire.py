@@ -99,16 +99,19 @@ def encode(msg: Message) -> list[Frame]:
         if pairs.dtype != torch.int32 or pairs.dim() != 2 or pairs.shape[0] != 3:
             raise WireError(f"dispatch pairs must be [3, P] int32, got {pairs.dtype} {list(pairs.shape)}",
                             msg.req, msg.layer)
-        return dispatch_frames(msg.req, msg.layer, msg.x, _tensor_bytes(pairs))
+        return dispatch_frames(msg.req, msg.layer, msg.x, tensor_frame(pairs))
     dtype_name, rows, hidden_size = _hidden_header(msg.y, msg.req, msg.layer)
     return [msgpack.packb([WIRE_VERSION, "result", msg.req, msg.layer, dtype_name, rows, hidden_size]),
-            _tensor_bytes(msg.y)]
+            tensor_frame(msg.y)]
 
 
-def dispatch_frames(req: int, layer: int, x: torch.Tensor, pairs: np.ndarray | memoryview) -> list[Frame]:
+def dispatch_frames(req: int, layer: int, x: torch.Tensor, pairs: np.ndarray | memoryview,
+                    x_frame: Any = None) -> list[Any]:
     """The frames of a dispatch whose pairs are already [3, P] int32 bytes in C order.
 
     The dispatcher builds the pairs in numpy and sends them through here, without a Dispatch.
+    `x_frame`, if given, stands for x's bytes (a zmq.Frame of `tensor_frame(x)` that several
+    messages share).
     """
     dtype_name, rows, hidden_size = _hidden_header(x, req, layer)
     pairs = memoryview(pairs)
@@ -116,7 +119,7 @@ def dispatch_frames(req: int, layer: int, x: torch.Tensor, pairs: np.ndarray | m
         raise WireError(f"dispatch pairs must be [3, P] int32 in C order, got format {pairs.format!r} "
                         f"shape {list(pairs.shape)}", req, layer)
     header = [WIRE_VERSION, "dispatch", req, layer, dtype_name, rows, hidden_size, pairs.shape[1]]
-    return [msgpack.packb(header), _tensor_bytes(x), pairs]
+    return [msgpack.packb(header), tensor_frame(x) if x_frame is None else x_frame, pairs]
 
 
 def _hidden_header(hidden: torch.Tensor, req: int, layer: int) -> tuple[str, int, int]:
@@ -185,8 +188,8 @@ def nbytes(frames: Sequence[Any]) -> int:
     return sum(memoryview(f).nbytes for f in frames)
 
 
-def _tensor_bytes(t: torch.Tensor) -> memoryview:
-    """A view of the tensor's memory (a copy only if it is not contiguous on the CPU)."""
+def tensor_frame(t: torch.Tensor) -> memoryview:
+    """A tensor's bytes as a frame: a view of its memory (a copy only if it is not contiguous on the CPU)."""
     if not t.is_cpu or not t.is_contiguous():
         t = t.cpu().contiguous()
     if t.requires_grad:
