@@ -5,8 +5,9 @@ processes (multiprocessing, spawn) on 127.0.0.1; their compute is a stand-in mea
 (each row of x scaled by the sum of its pairs' routing weights, via index_add), so what is timed
 is mostly the transport and the dispatcher's own work, not the experts; the servers time the
 stand-in and the table reports it per dispatch (it is not cheap on an AVX2 CPU, where torch
-multiplies bfloat16 at about 0.5 ns per element). The dispatcher gets the C++ plan and combine
-kernels, as an attention worker's does. For each (tokens, workers) cell we time
+multiplies bfloat16 at about 0.5 ns per element). The dispatcher gets the C++ plan, combine and
+result reader, as an attention worker's does, and the expert servers the C++ dispatch reader, as
+an expert worker's does. For each (tokens, workers) cell we time
 `Dispatcher.submit(...).result()` with hidden size 4096 in bfloat16 and random top-8-of-128
 routing. In the same run, interleaved iteration by iteration, a plain DEALER -> ROUTER echo (also
 in separate processes) sends each of the same workers one multipart message with exactly the
@@ -91,7 +92,8 @@ def _expert_server_main(conn: Connection, num_experts: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us, Ctrl-C or not
     tune_malloc()  # as an expert worker does
     torch.set_num_threads(1)
-    server = ExpertServer(_scaled_rows, num_experts, bind_host="127.0.0.1").start()
+    server = ExpertServer(_scaled_rows, num_experts, bind_host="127.0.0.1",
+                          decode_dispatch=cpu_kernels.decode_dispatch()).start()  # as an expert worker's
     try:
         conn.send(server.endpoint)
         while conn.recv() == STAND_IN_TIMES:
@@ -623,8 +625,9 @@ def docs_section(args: argparse.Namespace, cells: list[CellResult], decode: list
     if cells:
         out += [f"* Dispatch: hidden {args.hidden_size} bfloat16, top-{args.top_k} of {args.num_experts} experts, "
                 f"random routing ({args.routings} routings cycled), experts placed evenly; benchmark process "
-                f"with 1 torch thread, each server process 1 thread; the dispatcher has the C++ plan and combine "
-                f"kernels, as an attention worker's does. Expert servers compute a stand-in for the experts "
+                f"with 1 torch thread, each server process 1 thread; the dispatcher has the C++ plan, combine "
+                f"and result reader, as an attention worker's does, the expert servers the C++ dispatch reader, "
+                f"as an expert worker's does. Expert servers compute a stand-in for the experts "
                 f"(x scaled by its summed routing weights, a bfloat16 multiply in torch); they time it, and "
                 f"`stand-in ms/dispatch` is that time per dispatch summed over the workers it went to (on the "
                 f"round trip's path with one worker, partly in parallel with more). KiB out/in: payload of "

@@ -53,11 +53,12 @@ outside the table."""
 
 @dataclass(frozen=True)
 class DispatchKernels:
-    """Native replacements for the dispatcher's numpy and torch paths, with the same results; the
-    attention worker passes the C++ ones (`workers.cpu_kernels.dispatch_kernels`)."""
+    """Native replacements for the dispatcher's numpy, torch and wire paths, with the same results;
+    the attention worker passes the C++ ones (`workers.cpu_kernels.dispatch_kernels`)."""
 
     plan: Plan
     combine: Combine
+    decode_result: wire.DecodeResult
 
 
 def _add_in_float32(total: torch.Tensor, rows: torch.Tensor | None, y: torch.Tensor) -> None:
@@ -383,8 +384,9 @@ class Dispatcher:
         except zmq.Again:
             return
         received_s = time.perf_counter()
+        fast = None if self.kernels is None else self.kernels.decode_result(frames)
         try:
-            msg = wire.decode(frames)
+            msg = wire.decode(frames) if fast is None else wire.Result(*fast)
         except WireError as exc:  # whose reply it was cannot be told: fail every dispatch waiting on the worker
             self.counters.record_remote_error()
             error = f"expert worker {worker} at {self.endpoints[worker]} sent a malformed reply ({exc})"

@@ -34,25 +34,33 @@ class ExpertServer(RouterSocketServer):
     """ROUTER socket bound on `bind_host:port` (0 picks a free port; see `endpoint`), served by a thread.
 
     `num_experts` is the global expert count, used to reject out-of-range ids and to size
-    `counters.tokens_per_expert`. Use as a context manager, or call `start()` and `stop()`.
+    `counters.tokens_per_expert`. `decode_dispatch`, if given, reads each message first (the expert
+    worker passes the C++ one); `wire.decode` reads what it leaves. Use as a context manager, or
+    call `start()` and `stop()`.
     """
 
-    def __init__(self, compute: ComputeFn, num_experts: int, bind_host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, compute: ComputeFn, num_experts: int, bind_host: str = "127.0.0.1", port: int = 0,
+                 decode_dispatch: wire.DecodeDispatch | None = None) -> None:
         self._compute = compute
         self.num_experts = num_experts
+        self._decode_dispatch = decode_dispatch
         self.counters = ServerCounters(num_experts)
         super().__init__("expert-server", bind_host, port)
 
     def handle(self, frames: list[zmq.Frame]) -> list[wire.Frame]:
         req = layer = -1
         try:
-            # decode checks the expert ids too: compute (and the counters) may index with them
-            msg = wire.decode(frames, self.num_experts)
-            req, layer = msg.req, msg.layer
-            if not isinstance(msg, wire.Dispatch):
-                raise WireError(f"expert server accepts dispatch messages, got {type(msg).__name__}")
-            x, pair_expert = msg.x, msg.pair_expert
-            y = self._compute(layer, x, msg.pair_token, pair_expert, msg.pair_weight)
+            # Both readers check the expert ids too: compute (and the counters) may index with them.
+            fast = None if self._decode_dispatch is None else self._decode_dispatch(frames, self.num_experts)
+            if fast is not None:
+                req, layer, x, pair_token, pair_expert, pair_weight = fast
+            else:  # no native reader, or a message it leaves to decode (which names what is wrong)
+                msg = wire.decode(frames, self.num_experts)
+                req, layer = msg.req, msg.layer
+                if not isinstance(msg, wire.Dispatch):
+                    raise WireError(f"expert server accepts dispatch messages, got {type(msg).__name__}")
+                x, pair_token, pair_expert, pair_weight = msg.x, msg.pair_token, msg.pair_expert, msg.pair_weight
+            y = self._compute(layer, x, pair_token, pair_expert, pair_weight)
             if y.shape != x.shape:
                 raise ValueError(f"compute returned shape {list(y.shape)}, expected {list(x.shape)}")
             out = wire.encode(wire.Result(req, layer, y if y.dtype == x.dtype else y.to(x.dtype)))

@@ -19,7 +19,7 @@ pair rows (and, given the expert count, the expert ids) with one reduction.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -88,6 +88,17 @@ class ErrorReply:
 
 Message = Dispatch | Result | ErrorReply
 Frame = bytes | memoryview
+
+DecodeDispatch = Callable[[Sequence[Any], int],
+                          tuple[int, int, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None]
+"""decode_dispatch(frames, num_experts) -> (req, layer, x, pair_token, pair_expert, pair_weight) or None:
+a native reader of a dispatch for the expert server's hot path (``workers.cpu_kernels``). For a
+dispatch that ``decode(frames, num_experts)`` reads it returns the same values, or None for one it
+leaves to decode (an empty x, say); for every other message, None. The caller then calls decode,
+which reads the message or names what is wrong."""
+
+DecodeResult = Callable[[Sequence[Any]], tuple[int, int, torch.Tensor] | None]
+"""decode_result(frames) -> (req, layer, y) or None: the same for a result, on the dispatcher's side."""
 
 
 def encode(msg: Message) -> list[Frame]:

@@ -9,7 +9,9 @@ runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` 
 ``combine_replies`` (``workers/csrc/plan_dispatch.cpp``, ``combine_replies.cpp``) the router's
 dispatcher's grouping of pairs by expert worker and its per-token sum of their replies. Each is
 registered as a torch op (``torch.ops.moecluster.*``) and bound in one extension module
-(``workers/csrc/bindings.cpp``), which the functions here call: a torch op call costs about
+(``workers/csrc/bindings.cpp``), with the readers of the dispatch round trip's two messages
+(``decode_dispatch`` and ``decode_result``, ``workers/csrc/wire_codec.cpp``), which take and return
+Python objects and so are bound only. The functions here call the module: a torch op call costs about
 10 µs of dispatch, a bound call 1-2 µs, and a decode step makes a few dozen. The build needs a
 C++ compiler and ninja; it runs once per machine (``make install`` does it, about 2 minutes on 2
 cores) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from there while
@@ -34,6 +36,7 @@ from typing import Any
 import torch
 
 from router.dispatcher import DispatchKernels
+from router.wire import DecodeDispatch
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +58,8 @@ def _build_dir() -> Path:
 BUILD_DIR = _build_dir()
 LIBRARY_NAME = "moecluster_cpu_kernels"
 SOURCES = ("paged_decode_attention.cpp", "routed_experts.cpp", "rms_norm.cpp", "moe_route.cpp", "rope.cpp",
-           "combine_replies.cpp", "plan_dispatch.cpp", "bindings.cpp")
-HEADERS = ("float8.h", "kernels.h")
+           "combine_replies.cpp", "plan_dispatch.cpp", "wire_codec.cpp", "bindings.cpp")
+HEADERS = ("float8.h", "kernels.h", "wire_codec.h")
 DISABLE_ENV = "MOECLUSTER_CPU_KERNELS"
 CXX_FLAGS = ("-O3", "-march=native")
 
@@ -225,8 +228,17 @@ def plan_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
 
 def dispatch_kernels() -> DispatchKernels | None:
-    """The dispatcher's C++ plan and combine, or None (numpy and torch then) where the kernels are not loaded."""
-    return DispatchKernels(plan=plan_dispatch, combine=combine) if available() else None
+    """The dispatcher's C++ plan, combine and result reader, or None (numpy, torch and
+    ``router.wire.decode`` then) where the kernels are not loaded."""
+    if not available():
+        return None
+    return DispatchKernels(plan=_kernels().plan_dispatch, combine=combine, decode_result=_kernels().decode_result)
+
+
+def decode_dispatch() -> DecodeDispatch | None:
+    """The expert server's C++ dispatch reader (``router.wire.DecodeDispatch``), or None where the
+    kernels are not loaded."""
+    return _kernels().decode_dispatch if available() else None
 
 
 def main() -> None:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from router.expert_server import ExpertServer
+from workers import cpu_kernels
 from workers.checkpoint import Checkpoint
 from workers.experts import ExpertShard, expert_predicate
 from workers.malloc_tuning import tune_malloc
@@ -34,15 +35,18 @@ class ExpertWorker:
         host = bind_host or node_identity()["node_ip"]  # on a cluster: this node's address
         self._load_mark = (time.monotonic(), 0)
         self.device = torch.device(device)
-        self.server = ExpertServer(self._compute, self.config.n_routed_experts, bind_host=host).start()
+        self.server = ExpertServer(self._compute, self.config.n_routed_experts, bind_host=host,
+                                   decode_dispatch=cpu_kernels.decode_dispatch()).start()
 
     def _compute(self, layer: int, x: torch.Tensor, pair_token: torch.Tensor, pair_expert: torch.Tensor,
                  pair_weight: torch.Tensor) -> torch.Tensor:
         """The server's compute: frames arrive and leave in host memory, the experts may sit on a GPU.
 
-        On the CPU ``.to(device)`` and ``.cpu()`` return their tensor itself, without a copy.
+        On the CPU they are used as they are.
         """
         dev = self.device
+        if dev.type == "cpu":  # five torch calls fewer on every dispatch
+            return self.shard.compute(layer, x, pair_token, pair_expert, pair_weight)
         return self.shard.compute(layer, x.to(dev), pair_token.to(dev), pair_expert.to(dev),
                                   pair_weight.to(dev)).cpu()
 

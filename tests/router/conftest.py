@@ -90,15 +90,18 @@ def weights() -> Weights:
 
 
 @pytest.fixture
-def start_servers(weights: Weights) -> Iterator[Callable[..., list[ExpertServer]]]:
-    """start_servers(placement, compute=None) -> one started ExpertServer per worker; all stopped at teardown."""
+def start_servers(weights: Weights, kernels: DispatchKernels | None) -> Iterator[Callable[..., list[ExpertServer]]]:
+    """start_servers(placement, compute=None) -> one started ExpertServer per worker; all stopped at teardown.
+
+    With the C++ `kernels` the servers read dispatches with the C++ reader, as an expert worker's do."""
     started: list[ExpertServer] = []
+    decode_dispatch = None if kernels is None else cpu_kernels.decode_dispatch()
 
     def start(placement: PlacementTable, compute: ComputeFn | None = None) -> list[ExpertServer]:
         servers = []
         for worker in range(placement.num_workers):
             fn = compute or shard_compute(weights, set(placement.experts_of(worker)))
-            server = ExpertServer(fn, num_experts=placement.num_experts)
+            server = ExpertServer(fn, num_experts=placement.num_experts, decode_dispatch=decode_dispatch)
             started.append(server)
             servers.append(server.start())
         return servers
@@ -110,7 +113,8 @@ def start_servers(weights: Weights) -> Iterator[Callable[..., list[ExpertServer]
 
 @pytest.fixture(params=["numpy and torch", "C++ kernels"])
 def kernels(request: pytest.FixtureRequest) -> DispatchKernels | None:
-    """How dispatchers plan and sum: numpy and torch (the default), or the C++ kernels an attention worker passes."""
+    """How dispatchers plan, sum and read replies: numpy, torch and wire.decode (the default), or the C++
+    kernels an attention worker passes (and the servers then read dispatches in C++ too)."""
     if request.param == "numpy and torch":
         return None
     if cpu_kernels.disabled_by_env():
