@@ -16,6 +16,7 @@ import time
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,15 +41,16 @@ row of replies[i], None meaning every token in order; tokens no reply holds are 
 None for replies it does not sum (a dtype or width it lacks), which the dispatcher then sums in
 torch. Called with at least one reply."""
 
-Plan = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float],
-                tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]]
-"""plan(x [T, H], topk_ids int64 [T, K], topk_weights float32 [T, K], table, counts, num_workers,
-full_batch_share) -> (workers, xs, pairs, rows): what `Dispatcher.submit` sends, as its numpy path
-computes it. `table` and `counts` are `PlacementTable.replica_table()`. Per destination worker
-(ascending, only those with pairs): the rows of x it needs gathered and their tokens (int64), or
-two empty tensors when it gets x as it is (`full_batch_share`), and its pairs as one [3, P] int32
-tensor (row, expert id, weight bits) in token-major order. Raises IndexError for an expert id
-outside the table."""
+Messages = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int, float, int, int],
+                   list[tuple[int, bytes, torch.Tensor | None, bytes, torch.Tensor | None]]]
+"""messages(x [T, H], topk_ids int64 [T, K], topk_weights float32 [T, K], table, counts, num_workers,
+full_batch_share, req, layer) -> per destination worker (ascending, only those with pairs):
+(worker, header, x_rows, pairs, rows), the dispatch `Dispatcher.submit` sends it, as its numpy
+path builds it: `header` and `pairs` are the bytes of the frames `wire.dispatch_frames` makes
+(pairs [3, P] int32 in token-major order: row, expert id, weight bits); `x_rows` the rows of x the
+worker needs, gathered, and `rows` their tokens (int64), or both None when it gets x as it is
+(`full_batch_share`). `table` and `counts` are `PlacementTable.replica_table()`. Raises IndexError
+for an expert id outside the table."""
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,7 @@ class DispatchKernels:
     """Native replacements for the dispatcher's numpy, torch and wire paths, with the same results;
     the attention worker passes the C++ ones (`workers.cpu_kernels.dispatch_kernels`)."""
 
-    plan: Plan
+    messages: Messages
     combine: Combine
     decode_result: wire.DecodeResult
 
@@ -181,7 +183,8 @@ class Dispatcher:
 
     `endpoints` maps every worker id of the placement to its ZMQ address (`tcp://host:port`).
     One DEALER socket per worker; `timeout_s` bounds how long `result()` waits for all replies.
-    `kernels`, if given, plan each dispatch and sum its replies instead of numpy and torch.
+    `kernels`, if given, build each dispatch's messages, read the replies and sum them instead of
+    numpy, `wire` and torch.
     """
 
     def __init__(self, placement: PlacementTable, endpoints: Mapping[int, str], timeout_s: float = 30.0,
@@ -196,6 +199,7 @@ class Dispatcher:
         self.timeout_s = timeout_s
         self.kernels = kernels
         self._replica_table = placement.replica_table()
+        self._copy_threshold = zmq.COPY_THRESHOLD  # the sockets' own: smaller frames are copied
         self.counters = DispatcherCounters()
         self._ctx = zmq.Context()
         self._sockets: dict[int, zmq.Socket] = {}
@@ -271,25 +275,27 @@ class Dispatcher:
                 x_worker = x_cpu.index_select(0, rows)
             pairs[1] = expert[pair]
             pairs[2] = weight_bits[pair]
-            self._send(pending, worker, rows, x_worker, pairs)
+            x_frame = self._x_frame(pending, x_cpu) if rows is None else None
+            frames = wire.dispatch_frames(pending.req, pending.layer, x_worker, pairs, x_frame)
+            self._send(pending, worker, rows, frames, x_worker.shape[0])
         return pending
 
     def _send_plan(self, pending: PendingDispatch, x: torch.Tensor, topk_ids: torch.Tensor,
                    topk_weights: torch.Tensor) -> PendingDispatch:
-        """Send what `kernels.plan` computes (the numpy path's messages, in one call)."""
+        """Send what `kernels.messages` builds (the numpy path's messages, in one call)."""
         table, counts = self._replica_table
         try:
-            workers, xs, pairs, rows = self.kernels.plan(x.contiguous(), topk_ids.contiguous(),
-                                                         topk_weights.contiguous(), table, counts,
-                                                         self.placement.num_workers, FULL_BATCH_SHARE)
+            messages = self.kernels.messages(x.contiguous(), topk_ids.contiguous(), topk_weights.contiguous(), table,
+                                             counts, self.placement.num_workers, FULL_BATCH_SHARE, pending.req,
+                                             pending.layer)
         except IndexError as exc:
             raise PlacementError(str(exc).splitlines()[0]) from None
         self._pending[pending.req] = pending
-        for worker, x_worker, worker_pairs, worker_rows in zip(workers.tolist(), xs, pairs, rows, strict=True):
-            if worker_rows.numel():
-                self._send(pending, worker, worker_rows, x_worker, worker_pairs.numpy())
+        for worker, header, x_rows, pairs, rows in messages:
+            if x_rows is None:
+                self._send(pending, worker, None, [header, self._x_frame(pending, x), pairs], x.shape[0])
             else:
-                self._send(pending, worker, None, x, worker_pairs.numpy())
+                self._send(pending, worker, rows, [header, wire.tensor_frame(x_rows), pairs], x_rows.shape[0])
         return pending
 
     def _send_every_pair(self, pending: PendingDispatch, worker: int, x: torch.Tensor, expert: np.ndarray,
@@ -299,7 +305,8 @@ class Dispatcher:
         pairs[0] = np.arange(x.shape[0], dtype=np.int32).repeat(k)
         pairs[1] = expert
         pairs[2] = weight.view(np.int32)
-        self._send(pending, worker, None, x, pairs)
+        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs, self._x_frame(pending, x))
+        self._send(pending, worker, None, frames, x.shape[0])
         return pending
 
     def close(self) -> None:
@@ -318,21 +325,23 @@ class Dispatcher:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
-    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, x: torch.Tensor,
-              pairs: np.ndarray) -> None:
-        sock = self._sockets[worker]
-        x_frame = None
-        if rows is None and x.nbytes >= sock.copy_threshold:
-            # Every worker sent x as it is shares one zero-copy frame: pyzmq releases a zero-copy
-            # frame through its garbage-collector thread, a thread wake-up per frame otherwise.
-            # (Below the threshold pyzmq copies the bytes instead, which is cheaper.)
-            if pending._x_frame is None:
-                pending._x_frame = zmq.Frame(wire.tensor_frame(x), copy=False)
-            x_frame = pending._x_frame
-        frames = wire.dispatch_frames(pending.req, pending.layer, x, pairs, x_frame)
+    def _x_frame(self, pending: PendingDispatch, x: torch.Tensor) -> Any:
+        """x's bytes as the one frame every worker sent all of x shares.
+
+        From pyzmq's copy threshold on it is a zero-copy frame: pyzmq releases each through its
+        garbage-collector thread, a thread wake-up per frame if every message had its own.
+        """
+        if pending._x_frame is None:
+            frame = wire.tensor_frame(x)
+            pending._x_frame = zmq.Frame(frame, copy=False) if frame.nbytes >= self._copy_threshold else frame
+        return pending._x_frame
+
+    def _send(self, pending: PendingDispatch, worker: int, rows: torch.Tensor | None, frames: list[Any],
+              tokens: int) -> None:
+        """Send one dispatch message (`wire.dispatch_frames`: header, x, pairs) of `tokens` rows."""
         try:
             # NOBLOCK: a worker that stopped reading fills its queue; fail rather than hang.
-            sock.send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
+            self._sockets[worker].send_multipart(frames, flags=zmq.NOBLOCK, copy=False)
         except zmq.Again:
             self._pending.pop(pending.req, None)
             self.counters.record_timeout()
@@ -342,7 +351,9 @@ class Dispatcher:
             ) from None
         pending._rows[worker] = rows
         pending._sent_s[worker] = time.perf_counter()
-        self.counters.record_send(pending.layer, worker, x.shape[0], pairs.shape[1], wire.nbytes(frames))
+        pair_bytes = memoryview(frames[2]).nbytes
+        self.counters.record_send(pending.layer, worker, tokens, pair_bytes // wire.PAIR_BYTES,
+                                  len(frames[0]) + memoryview(frames[1]).nbytes + pair_bytes)
 
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""

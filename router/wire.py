@@ -31,6 +31,8 @@ from router.errors import WireError
 
 WIRE_VERSION = 2
 
+PAIR_BYTES = 12  # one pair in a dispatch's pairs frame: three int32 (row of x, expert id, weight bits)
+
 HIDDEN_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
     "bfloat16": torch.bfloat16,

@@ -1,23 +1,24 @@
 """The project's C++ CPU kernels: built once with torch's extension builder, then loaded as a module.
 
 ``paged_decode_attention_`` (``workers/csrc/paged_decode_attention.cpp``) attends one query per
-sequence straight from the paged KV cache; ``routed_experts`` (``workers/csrc/routed_experts.cpp``)
-runs a MoE layer's routed pairs through their experts in one call; ``rms_norm`` and
-``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one call; ``moe_route``
-(``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
+sequence straight from the paged KV cache; ``routed_experts``
+(``workers/csrc/routed_experts.cpp``) runs a MoE layer's routed pairs through their experts in
+one call; ``rms_norm`` and ``add_rms_norm`` (``workers/csrc/rms_norm.cpp``) are RMSNorm in one
+call; ``moe_route`` (``workers/csrc/moe_route.cpp``) is the MoE gate after its matmul; ``rope``
 (``workers/csrc/rope.cpp``) the partial rotary embedding; ``plan_dispatch`` and
 ``combine_replies`` (``workers/csrc/plan_dispatch.cpp``, ``combine_replies.cpp``) the router's
 dispatcher's grouping of pairs by expert worker and its per-token sum of their replies. Each is
 registered as a torch op (``torch.ops.moecluster.*``) and bound in one extension module
-(``workers/csrc/bindings.cpp``), with the readers of the dispatch round trip's two messages
-(``decode_dispatch`` and ``decode_result``, ``workers/csrc/wire_codec.cpp``), which take and return
-Python objects and so are bound only. The functions here call the module: a torch op call costs about
-10 µs of dispatch, a bound call 1-2 µs, and a decode step makes a few dozen. The build needs a
-C++ compiler and ninja; it runs once per machine (``make install`` does it, about 2 minutes on 2
-cores) into ``BUILD_DIR`` (``build/cpu_kernels`` in a checkout) and is reused from there while
-the sources are unchanged. Where it cannot be built, ``available()`` is False, a warning says
-why, and the callers fall back to their torch (or numpy) paths. ``MOECLUSTER_CPU_KERNELS=0``
-turns the kernels off (to compare, or to rule them out).
+(``workers/csrc/bindings.cpp``), with the dispatch round trip's message builder and readers
+(``dispatch_messages``, ``decode_dispatch`` and ``decode_result``,
+``workers/csrc/wire_codec.cpp``), which take and return Python objects and so are bound only.
+The functions here call the module: a torch op call costs about 10 µs of dispatch, a bound call
+1-2 µs, and a decode step makes a few dozen. The build needs a C++ compiler and ninja; it runs
+once per machine (``make install`` does it, about 2 minutes on 2 cores) into ``BUILD_DIR``
+(``build/cpu_kernels`` in a checkout) and is reused from there while the sources are unchanged.
+Where it cannot be built, ``available()`` is False, a warning says why, and the callers fall
+back to their torch (or numpy) paths. ``MOECLUSTER_CPU_KERNELS=0`` turns the kernels off (to
+compare, or to rule them out).
 
     .venv/bin/python -m workers.cpu_kernels      # build (or find) and load them; prints the outcome
 """
@@ -228,11 +229,12 @@ def plan_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
 
 
 def dispatch_kernels() -> DispatchKernels | None:
-    """The dispatcher's C++ plan, combine and result reader, or None (numpy, torch and
-    ``router.wire.decode`` then) where the kernels are not loaded."""
+    """The dispatcher's C++ message builder (``plan_dispatch`` and the frames of its plan), combine
+    and result reader, or None (numpy, torch and ``router.wire`` then) where the kernels are not loaded."""
     if not available():
         return None
-    return DispatchKernels(plan=_kernels().plan_dispatch, combine=combine, decode_result=_kernels().decode_result)
+    return DispatchKernels(messages=_kernels().dispatch_messages, combine=combine,
+                           decode_result=_kernels().decode_result)
 
 
 def decode_dispatch() -> DecodeDispatch | None:

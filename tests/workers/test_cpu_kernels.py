@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import random
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -272,38 +271,47 @@ def test_combine_declines_what_the_kernel_does_not_sum():
     assert torch.equal(cpu_kernels.combine(2, [ones, ones], [None, None]), 2 * ones)
 
 
-def planned_messages(placement, x, topk_ids, topk_weights, kernels):
-    """What Dispatcher.submit sends, per worker: (rows or None, x rows, pairs), without sockets."""
+def planned_messages(placement, x, topk_ids, topk_weights, kernels, req=1, layer=1):
+    """What Dispatcher.submit sends, per worker: (rows or None, the frames' bytes, tokens), without sockets."""
     sent = {}
     dispatcher = Dispatcher(placement, {w: f"tcp://127.0.0.1:{9 + w}" for w in range(placement.num_workers)},
                             kernels=kernels)
+    dispatcher._req_ids = iter([req])
     try:
-        dispatcher._send = lambda pending, worker, rows, xs, pairs: sent.setdefault(worker, (rows, xs, pairs))
-        dispatcher.submit(1, x, topk_ids, topk_weights)
+        def capture(pending, worker, rows, frames, tokens):
+            assert worker not in sent
+            sent[worker] = (rows, [bytes(memoryview(f)) for f in frames], tokens)
+
+        dispatcher._send = capture
+        dispatcher.submit(layer, x, topk_ids, topk_weights)
     finally:
         dispatcher.close()
     return sent
 
 
-@pytest.mark.parametrize("workers,replicas,tokens,top_k", [
-    (1, 1, 64, 8), (2, 1, 64, 8), (4, 1, 64, 8), (4, 1, 5, 2), (8, 1, 37, 4), (3, 2, 50, 8), (4, 4, 9, 3),
-    (2, 1, 1, 8), (4, 1, 256, 8),
+@pytest.mark.parametrize("workers,replicas,tokens,top_k,dtype,req,layer", [
+    (1, 1, 64, 8, torch.bfloat16, 1, 1), (2, 1, 64, 8, torch.bfloat16, 200, 45),
+    (4, 1, 64, 8, torch.float32, 70000, 3), (4, 1, 5, 2, torch.float16, 2**32 + 5, 0),
+    (8, 1, 37, 4, torch.bfloat16, 2**63 - 1, 300), (3, 2, 50, 8, torch.bfloat16, 0, -1),
+    (4, 4, 9, 3, torch.float32, 5, -200), (2, 1, 1, 8, torch.bfloat16, 5, -40000),
+    (4, 1, 256, 8, torch.bfloat16, 5, -2**40),
 ])
-def test_plan_dispatch_sends_what_the_numpy_path_sends(workers, replicas, tokens, top_k):
+def test_dispatch_messages_are_what_the_numpy_path_sends(workers, replicas, tokens, top_k, dtype, req, layer):
+    """The C++ builder's frames, byte for byte (the header as msgpack.packb writes every int width)."""
     gen = torch.Generator().manual_seed(workers * 100 + tokens)
     placement = PlacementTable.even(32, workers, replicas=replicas)
-    x = torch.randn(tokens, 16, generator=gen).to(torch.bfloat16)
+    x = torch.randn(tokens, 16, generator=gen).to(dtype)
     topk_ids = torch.rand(tokens, 32, generator=gen).topk(top_k, dim=1).indices
     topk_weights = torch.rand(tokens, top_k, generator=gen)
-    want = planned_messages(placement, x, topk_ids, topk_weights, None)
-    got = planned_messages(placement, x, topk_ids, topk_weights, cpu_kernels.dispatch_kernels())
+    want = planned_messages(placement, x, topk_ids, topk_weights, None, req, layer)
+    got = planned_messages(placement, x, topk_ids, topk_weights, cpu_kernels.dispatch_kernels(), req, layer)
     assert sorted(got) == sorted(want)
-    for worker, (rows, xs, pairs) in want.items():
-        got_rows, got_xs, got_pairs = got[worker]
+    for worker, (rows, frames, tokens_sent) in want.items():
+        got_rows, got_frames, got_tokens = got[worker]
         assert (got_rows is None) == (rows is None)
         if rows is not None:
             assert torch.equal(got_rows, rows)
-        assert torch.equal(got_xs, xs) and np.array_equal(got_pairs, pairs)
+        assert got_frames == frames and got_tokens == tokens_sent
 
 
 def test_plan_dispatch_rejects_what_it_cannot_place():

@@ -1,5 +1,11 @@
-// The two messages of the dispatch round trip, each read in one call: the expert server's
-// dispatch and the dispatcher's result.
+// The dispatch round trip's messages in C++: the dispatcher's dispatches built in one call
+// (dispatch_messages), and the expert server's dispatch and the dispatcher's result each read in
+// one call (decode_dispatch, decode_result).
+//
+// dispatch_messages runs plan_dispatch (plan_dispatch.cpp) and returns, per destination worker,
+// the frames wire.dispatch_frames would make of its plan: the msgpack header msgpack.packb writes
+// for it, the pairs' bytes, and the gathered rows of x (or None: x as it is) for the caller to
+// send as a zero-copy frame.
 //
 // router/wire.py defines the format, and its decode is the reference. These readers take only
 // what wire.encode writes for a well-formed, non-empty dispatch or result (a msgpack fixarray
@@ -13,12 +19,14 @@
 
 #include <torch/extension.h>
 
+#include "kernels.h"
 #include "wire_codec.h"
 
 #include <Python.h>
 
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <string_view>
 
 namespace moecluster {
@@ -150,7 +158,92 @@ uint32_t max_u32(const uint8_t* data, uint64_t n) {  // frames need not be 4-byt
   return top;
 }
 
+// msgpack as msgpack.packb writes it for the ints and short strings of a header.
+class HeaderWriter {
+ public:
+  explicit HeaderWriter(uint64_t items) { out_.push_back(static_cast<char>(0x90 + items)); }  // fixarray
+
+  void integer(int64_t value) {
+    if (value >= 0) {
+      const uint64_t v = static_cast<uint64_t>(value);
+      if (v <= 0x7f) {
+        out_.push_back(static_cast<char>(v));  // positive fixint
+      } else if (v <= 0xff) {
+        tagged(0xcc, v, 1);
+      } else if (v <= 0xffff) {
+        tagged(0xcd, v, 2);
+      } else if (v <= 0xffffffffu) {
+        tagged(0xce, v, 4);
+      } else {
+        tagged(0xcf, v, 8);
+      }
+    } else if (value >= -32) {
+      out_.push_back(static_cast<char>(value));  // negative fixint
+    } else if (value >= INT8_MIN) {
+      tagged(0xd0, static_cast<uint64_t>(value), 1);
+    } else if (value >= INT16_MIN) {
+      tagged(0xd1, static_cast<uint64_t>(value), 2);
+    } else if (value >= INT32_MIN) {
+      tagged(0xd2, static_cast<uint64_t>(value), 4);
+    } else {
+      tagged(0xd3, static_cast<uint64_t>(value), 8);
+    }
+  }
+  void str(std::string_view value) {  // fixstr: the header's strings are short
+    out_.push_back(static_cast<char>(0xa0 + value.size()));
+    out_.append(value);
+  }
+  py::bytes bytes() const { return py::bytes(out_); }
+
+ private:
+  void tagged(uint8_t tag, uint64_t value, int width) {  // big-endian, the low `width` bytes
+    out_.push_back(static_cast<char>(tag));
+    for (int i = width - 1; i >= 0; --i) out_.push_back(static_cast<char>(value >> (8 * i)));
+  }
+  std::string out_;
+};
+
+std::string_view dtype_name(at::ScalarType dtype) {  // router.wire.HIDDEN_DTYPES
+  switch (dtype) {
+    case at::kBFloat16:
+      return "bfloat16";
+    case at::kFloat:
+      return "float32";
+    case at::kHalf:
+      return "float16";
+    default:
+      TORCH_CHECK(false, "hidden dtype ", dtype, " is not one of bfloat16, float16, float32");
+  }
+}
+
 }  // namespace
+
+py::list dispatch_messages(const at::Tensor& x, const at::Tensor& topk_ids, const at::Tensor& topk_weights,
+                           const at::Tensor& table, const at::Tensor& counts, int64_t num_workers,
+                           double full_batch_share, int64_t req, int64_t layer) {
+  const std::string_view dtype = dtype_name(x.scalar_type());
+  auto [workers, xs, pairs, rows] =
+      plan_dispatch(x, topk_ids, topk_weights, table, counts, num_workers, full_batch_share);
+  const int64_t* worker_ids = workers.data_ptr<int64_t>();
+  py::list messages;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    const bool whole = rows[i].numel() == 0;  // x as it is
+    const int64_t num_pairs = pairs[i].size(1);
+    HeaderWriter header(8);
+    header.integer(static_cast<int64_t>(kWireVersion));
+    header.str("dispatch");
+    header.integer(req);
+    header.integer(layer);
+    header.str(dtype);
+    header.integer(whole ? x.size(0) : xs[i].size(0));
+    header.integer(x.size(1));
+    header.integer(num_pairs);
+    py::bytes pair_bytes(static_cast<const char*>(pairs[i].data_ptr()), static_cast<size_t>(pairs[i].nbytes()));
+    messages.append(py::make_tuple(worker_ids[i], header.bytes(), whole ? py::none() : py::cast(xs[i]), pair_bytes,
+                                   whole ? py::none() : py::cast(rows[i])));
+  }
+  return messages;
+}
 
 py::object decode_dispatch(const py::sequence& frames, int64_t num_experts) {
   if (py::len(frames) != 3) return py::none();
