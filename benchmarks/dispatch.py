@@ -5,9 +5,9 @@ processes (multiprocessing, spawn) on 127.0.0.1; their compute is a stand-in mea
 (each row of x scaled by the sum of its pairs' routing weights, via index_add), so what is timed
 is mostly the transport and the dispatcher's own work, not the experts; the servers time the
 stand-in and the table reports it per dispatch (it is not cheap on an AVX2 CPU, where torch
-multiplies bfloat16 at about 0.5 ns per element). The dispatcher gets the C++ plan, combine and
-result reader, as an attention worker's does, and the expert servers the C++ dispatch reader, as
-an expert worker's does. For each (tokens, workers) cell we time
+multiplies bfloat16 at about 0.5 ns per element). The dispatcher gets the C++ message builder,
+combine and result reader, as an attention worker's does, and the expert servers the C++ dispatch
+reader, as an expert worker's does. For each (tokens, workers) cell we time
 `Dispatcher.submit(...).result()` with hidden size 4096 in bfloat16 and random top-8-of-128
 routing. In the same run, interleaved iteration by iteration, a plain DEALER -> ROUTER echo (also
 in separate processes) sends each of the same workers one multipart message with exactly the
@@ -587,17 +587,18 @@ Where the time goes (structural, independent of this run's figures):
 * Both columns pay the same loopback TCP transfer and the same ZMQ framing (the same frames, sent
   zero-copy above pyzmq's 64 KiB copy threshold in both); on 2 cores the client and the servers
   also compete for CPU, so cells with 4 workers run 5 busy processes on 2 cores.
-* The dispatcher adds, in `submit()`: one C++ call (`workers/csrc/plan_dispatch.cpp`, as an
-  attention worker's dispatcher has it) that picks each pair's worker from the placement table
-  and builds, per worker, its pairs as one [3, P] int32 frame (row, expert id, weight bits) and,
-  for a worker that needs fewer than 80% of the tokens, its rows of x gathered; one msgpack
-  header per message; the sends go one after another. In `result()`: decoding each reply (the
-  header's items checked, a `torch.frombuffer` view); a single reply covering every token is
-  returned as received (no copy), otherwise one C++ pass (`workers/csrc/combine_replies.cpp`)
-  sums the replies per token in float32 and rounds once to bfloat16. The expert server adds
-  decoding (views of the frames and one reduction bounding the pair rows and expert ids), the
-  stand-in compute (its own column: a bfloat16 multiply of x in torch, slow on an AVX2 CPU) and
-  encoding; it counts the dispatch after replying.
+* The dispatcher adds, in `submit()`: one C++ call (`dispatch_messages` in
+  `workers/csrc/wire_codec.cpp`, as an attention worker's dispatcher has it) that picks each
+  pair's worker from the placement table and builds, per worker, its message: the msgpack
+  header, its pairs as one [3, P] int32 frame (row, expert id, weight bits) and, for a worker
+  that needs fewer than 80% of the tokens, its rows of x gathered; the sends go one after
+  another. In `result()`: one C++ call per reply reads it (header, sizes, a view of the frame);
+  a single reply covering every token is returned as received (no copy), otherwise one C++ pass
+  (`workers/csrc/combine_replies.cpp`) sums the replies per token in float32 and rounds once to
+  bfloat16. The expert server adds one C++ call reading each dispatch (views of the frames, the
+  pair rows and expert ids bounded), the stand-in compute (its own column: a bfloat16 multiply
+  of x in torch, slow on an AVX2 CPU) and encoding its reply; it counts the dispatch after
+  replying.
 * Each of these is a torch, numpy or pyzmq call of a few to tens of microseconds in a hot loop,
   but a round trip runs them after a wake-up, with the caches cold from the 0.5 MiB transfers,
   where they cost several times as much; so the fixed part dominates at a few tokens. With 4
@@ -625,9 +626,9 @@ def docs_section(args: argparse.Namespace, cells: list[CellResult], decode: list
     if cells:
         out += [f"* Dispatch: hidden {args.hidden_size} bfloat16, top-{args.top_k} of {args.num_experts} experts, "
                 f"random routing ({args.routings} routings cycled), experts placed evenly; benchmark process "
-                f"with 1 torch thread, each server process 1 thread; the dispatcher has the C++ plan, combine "
-                f"and result reader, as an attention worker's does, the expert servers the C++ dispatch reader, "
-                f"as an expert worker's does. Expert servers compute a stand-in for the experts "
+                f"with 1 torch thread, each server process 1 thread; the dispatcher has the C++ message builder, "
+                f"combine and result reader, as an attention worker's does, the expert servers the C++ dispatch "
+                f"reader, as an expert worker's does. Expert servers compute a stand-in for the experts "
                 f"(x scaled by its summed routing weights, a bfloat16 multiply in torch); they time it, and "
                 f"`stand-in ms/dispatch` is that time per dispatch summed over the workers it went to (on the "
                 f"round trip's path with one worker, partly in parallel with more). KiB out/in: payload of "
