@@ -351,9 +351,8 @@ class Dispatcher:
             ) from None
         pending._rows[worker] = rows
         pending._sent_s[worker] = time.perf_counter()
-        pair_bytes = memoryview(frames[2]).nbytes
-        self.counters.record_send(pending.layer, worker, tokens, pair_bytes // wire.PAIR_BYTES,
-                                  len(frames[0]) + memoryview(frames[1]).nbytes + pair_bytes)
+        self.counters.record_send(pending.layer, worker, tokens, memoryview(frames[2]).nbytes // wire.PAIR_BYTES,
+                                  wire.nbytes(frames))
 
     def _collect(self, pending: PendingDispatch) -> None:
         """Read replies (for this or any other live dispatch) until `pending` has all of its own."""

@@ -224,7 +224,12 @@ def plan_dispatch(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.T
                   counts: torch.Tensor, num_workers: int,
                   full_batch_share: float) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor],
                                                     list[torch.Tensor]]:
-    """The dispatcher's messages for one MoE layer: ``router.dispatcher.Plan``. Call only when ``available()``."""
+    """The plan of one MoE layer's dispatch, which ``dispatch_messages`` (the dispatcher's
+    ``router.dispatcher.Messages``) frames: (workers, xs, pairs, rows), per destination worker
+    (ascending, only those with pairs) the rows of x it needs gathered and their tokens (int64), or
+    two empty tensors when it gets x as it is (``full_batch_share``), and its pairs as one [3, P]
+    int32 tensor (row, expert id, weight bits) in token-major order. Raises IndexError for an
+    expert id outside ``table``. Call only when ``available()``."""
     return _kernels().plan_dispatch(x, topk_ids, topk_weights, table, counts, num_workers, full_batch_share)
 
 
